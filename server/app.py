@@ -1,0 +1,106 @@
+"""Builds the server's pieces once, wires them together, and owns the process lifecycle.
+
+    start:    load models (per --model-control-mode) -> open HTTP and gRPC -> ready
+    serve:    until SIGTERM/SIGINT; in poll mode, rescan the repository on an interval
+    shutdown: not ready, new requests get 503/UNAVAILABLE -> wait for requests in flight (at most
+              --exit-timeout-secs) -> close listeners -> unload models -> exit 0
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+
+from .config import ServerConfig
+from .frontends.grpc_service import start_grpc
+from .frontends.http_server import HttpServer
+from .frontends.rest import RestFrontend, error_body
+from .repository import Repository
+from .service import InferenceService
+
+log = logging.getLogger("fuserve")
+
+
+async def _poll(repository: Repository, interval: float) -> None:
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await repository.poll_once()
+        except Exception:
+            log.exception("repository poll failed")
+
+
+async def serve(config: ServerConfig) -> int:
+    repository = Repository(config.model_repositories, default_max_batch_size=config.default_max_batch_size,
+                            auto_complete=not config.disable_auto_complete_config)
+    service = InferenceService(repository, model_control_mode=config.model_control_mode)
+
+    if config.model_control_mode == "explicit":
+        names = sorted(repository.scan()) if "*" in config.load_models else list(config.load_models)
+    else:
+        names = sorted(repository.scan())
+    errors = await repository.load_many(names)
+    if errors and config.exit_on_error:
+        log.error("exiting: %d model(s) failed to load and --exit-on-error is set", len(errors))
+        await repository.close()
+        return 1
+
+    http: HttpServer | None = None
+    grpc_server = None
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        if config.allow_http:
+            http = HttpServer(RestFrontend(service).handle, max_body=config.max_input_size, error_body=error_body)
+            port = await http.start(config.http_address, config.http_port)
+            log.info("HTTP (KServe V2 REST) listening on %s:%d", config.http_address, port)
+        if config.allow_grpc:
+            grpc_server, port = await start_grpc(service, config.grpc_address, config.grpc_port,
+                                                 config.max_input_size)
+            log.info("gRPC (KServe V2) listening on %s:%d", config.grpc_address, port)
+    except OSError as exc:
+        log.error("cannot start: %s", exc)
+        if http is not None:
+            await http.stop()
+        await repository.close()
+        return 1
+
+    service.accepting = True
+    poller = None
+    if config.model_control_mode == "poll":
+        poller = asyncio.create_task(_poll(repository, config.repository_poll_secs))
+    log.info("fuserve ready: %d model version(s) loaded", len(repository.ready_models()))
+    await stop.wait()
+
+    log.info("shutting down: waiting up to %.0fs for requests in flight", config.exit_timeout_secs)
+    if poller is not None:
+        poller.cancel()
+    try:
+        await asyncio.wait_for(service.drain(), config.exit_timeout_secs)
+    except asyncio.TimeoutError:
+        log.warning("exit timeout reached with requests still in flight")
+    if grpc_server is not None:
+        await grpc_server.stop(grace=1.0)
+    if http is not None:
+        await http.stop()
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(repository.close(), 5.0)
+    log.info("fuserve stopped")
+    return 0
+
+
+def run(config: ServerConfig) -> int:
+    logging.basicConfig(
+        level=logging.DEBUG if config.log_verbose > 0 else logging.INFO,
+        format="%(asctime)s %(levelname).1s %(name)s: %(message)s",
+    )
+    try:
+        import uvloop
+
+        return uvloop.run(serve(config))
+    except ImportError:
+        return asyncio.run(serve(config))

@@ -1,0 +1,101 @@
+"""KServe V2 over gRPC: ModelInferRequest -> InferRequest and InferResponse -> ModelInferResponse.
+
+Inputs arrive either in `raw_input_contents` (one entry per input, in order; what tritonclient
+sends) or typed in `InferInputTensor.contents`. Outputs always go back in `raw_output_contents`,
+as Triton does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .. import dtypes
+from .._proto import grpc_service_pb2 as pb
+from ..errors import InvalidArgument
+from ..types import InferRequest, InferResponse, RequestedOutput, Tensor
+from . import raw
+
+# V2 datatype -> the InferTensorContents field that carries it
+_CONTENTS_FIELD = {
+    "BOOL": "bool_contents",
+    "UINT8": "uint_contents", "UINT16": "uint_contents", "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "FP32": "fp32_contents", "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
+
+
+def parameters_from_proto(params: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, p in params.items():
+        which = p.WhichOneof("parameter_choice")
+        out[key] = getattr(p, which) if which else None
+    return out
+
+
+def parameters_to_proto(params: dict[str, Any], target: Any) -> None:
+    for key, value in params.items():
+        p = target[key]
+        if isinstance(value, bool):
+            p.bool_param = value
+        elif isinstance(value, int):
+            p.int64_param = value
+        elif isinstance(value, float):
+            p.double_param = value
+        else:
+            p.string_param = str(value)
+
+
+def _typed(name: str, datatype: str, shape: tuple[int, ...], contents: Any) -> np.ndarray:
+    field = _CONTENTS_FIELD.get(datatype)
+    if field is None:
+        raise InvalidArgument(f"input '{name}': {datatype} cannot be sent in typed contents; use raw_input_contents")
+    values = getattr(contents, field)
+    count = raw.element_count(shape)
+    if len(values) != count:
+        raise InvalidArgument(f"input '{name}': {len(values)} elements in contents do not match shape "
+                              f"{list(shape)} ({count} elements)")
+    dt = dtypes.BY_V2[datatype]
+    if dt is dtypes.BYTES:
+        arr = np.empty(count, dtype=object)
+        arr[:] = list(values)
+        return arr.reshape(shape)
+    try:
+        return np.array(values, dtype=dt.numpy).reshape(shape)
+    except OverflowError as exc:
+        raise InvalidArgument(f"input '{name}': a value does not fit {datatype}: {exc}") from None
+
+
+def decode_request(msg: pb.ModelInferRequest) -> InferRequest:
+    raws = msg.raw_input_contents
+    if raws and len(raws) != len(msg.inputs):
+        raise InvalidArgument(f"raw_input_contents has {len(raws)} entries but the request has "
+                              f"{len(msg.inputs)} inputs")
+    if not msg.inputs:
+        raise InvalidArgument("the request has no inputs")
+    inputs = []
+    for i, t in enumerate(msg.inputs):
+        if t.datatype not in dtypes.BY_V2:
+            raise InvalidArgument(f"input '{t.name}': unknown datatype '{t.datatype}'")
+        shape = raw.check_shape(t.name, list(t.shape))
+        data = raw.decode(t.name, t.datatype, shape, raws[i]) if raws else _typed(t.name, t.datatype, shape,
+                                                                                      t.contents)
+        inputs.append(Tensor(t.name, t.datatype, shape, data, parameters_from_proto(t.parameters)))
+    outputs = [RequestedOutput(o.name, None, parameters_from_proto(o.parameters)) for o in msg.outputs]
+    return InferRequest(msg.model_name, msg.model_version, inputs, outputs, msg.id,
+                        parameters_from_proto(msg.parameters))
+
+
+def encode_response(response: InferResponse) -> pb.ModelInferResponse:
+    msg = pb.ModelInferResponse(model_name=response.model_name, model_version=response.model_version,
+                                id=response.id)
+    for t in response.outputs:
+        msg.outputs.add(name=t.name, datatype=t.datatype, shape=t.shape)
+        msg.raw_output_contents.append(raw.encode(t.data))
+    if response.parameters:
+        parameters_to_proto(response.parameters, msg.parameters)
+    return msg

@@ -1,0 +1,1 @@
+"""Request in, response out: the HTTP/REST and gRPC frontends."""

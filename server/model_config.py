@@ -1,0 +1,250 @@
+"""config.pbtxt -> a frozen ModelSpec, with Triton's auto-complete from the model file.
+
+Loading a model goes: `read_config` (the text file, possibly absent or partial) -> the backend
+opens the model and reports its inputs and outputs (`ModelIO`) -> `autocomplete` fills in what the
+config left out and checks what it declared -> `build_spec` resolves everything the request path
+needs (dtype objects, dims, name indexes, instance list) once, so no request re-derives it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+
+from google.protobuf import json_format, text_format
+
+from . import dtypes
+from ._proto import model_config_pb2 as mc
+from .dtypes import DType
+from .errors import ModelLoadError
+
+ModelConfig = mc.ModelConfig
+CONFIG_FILE = "config.pbtxt"
+
+# platform / backend names -> our backend name
+PLATFORMS = {"onnxruntime_onnx": "onnxruntime", "pytorch_libtorch": "pytorch"}
+DEFAULT_MODEL_FILES = {"onnxruntime": "model.onnx", "pytorch": "model.pt", "python": "model.py"}
+
+
+@dataclass(frozen=True)
+class TensorIO:
+    """One input or output as the model file declares it (shape includes any batch dim)."""
+
+    name: str
+    dtype: DType
+    shape: tuple[int, ...]  # -1 for a dynamic dim
+
+
+@dataclass(frozen=True)
+class ModelIO:
+    inputs: tuple[TensorIO, ...]
+    outputs: tuple[TensorIO, ...]
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: DType
+    dims: tuple[int, ...]  # without the batch dim; -1 is variable
+    # Shape the backend wants when it differs from `dims` (Triton's `reshape`), without batch dim.
+    reshape: tuple[int, ...] | None = None
+    optional: bool = False
+
+    @property
+    def datatype(self) -> str:
+        return self.dtype.v2
+
+
+@dataclass(frozen=True)
+class InstanceSpec:
+    name: str
+    kind: str  # "KIND_CPU" or "KIND_GPU"
+    device_id: int  # GPU index; -1 on CPU
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything about one model that the request path reads, resolved when the model loads."""
+
+    name: str
+    backend: str
+    platform: str
+    max_batch_size: int
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    input_index: Mapping[str, TensorSpec]
+    output_index: Mapping[str, TensorSpec]
+    instances: tuple[InstanceSpec, ...]
+    parameters: Mapping[str, str]
+    config: ModelConfig  # the completed config, as served by the config endpoints
+
+    @property
+    def batching(self) -> bool:
+        return self.max_batch_size > 0
+
+
+def read_config(model_dir: Path) -> ModelConfig:
+    """Parse `model_dir/config.pbtxt`; an absent file gives an empty config for auto-complete."""
+    path = model_dir / CONFIG_FILE
+    config = ModelConfig()
+    if not path.exists():
+        return config
+    try:
+        text_format.Parse(path.read_text(encoding="utf-8"), config)
+    except (text_format.ParseError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"{path}: invalid model configuration: {exc}") from exc
+    return config
+
+
+def backend_name(config: ModelConfig, model_dir: Path) -> str:
+    """Which backend serves this model: `backend`, else `platform`, else the model file present."""
+    if config.backend:
+        return config.backend
+    if config.platform:
+        if config.platform not in PLATFORMS:
+            raise ModelLoadError(f"{model_dir / CONFIG_FILE}: unsupported platform '{config.platform}'")
+        return PLATFORMS[config.platform]
+    for name, filename in DEFAULT_MODEL_FILES.items():
+        if any((v / filename).exists() for v in model_dir.iterdir() if v.is_dir()):
+            return name
+    raise ModelLoadError(f"{model_dir}: no platform or backend in {CONFIG_FILE} and no model file to infer one from")
+
+
+def _supports_batching(io: ModelIO) -> bool:
+    tensors = io.inputs + io.outputs
+    return bool(tensors) and all(len(t.shape) >= 1 and t.shape[0] == -1 for t in tensors)
+
+
+def _check_declared(kind: str, declared: list, actual: tuple[TensorIO, ...], batch: bool, where: str) -> None:
+    by_name = {t.name: t for t in actual}
+    for cfg in declared:
+        model_t = by_name.get(cfg.name)
+        if model_t is None:
+            raise ModelLoadError(
+                f"{where}: {kind} '{cfg.name}' is not in the model file (it has: {', '.join(by_name) or 'none'})")
+        want = dtypes.BY_CONFIG.get(mc.DataType.Name(cfg.data_type))
+        if want is not None and want.v2 != model_t.dtype.v2:
+            raise ModelLoadError(
+                f"{where}: {kind} '{cfg.name}' is declared {want.config} but the model file has {model_t.dtype.config}")
+        shape = model_t.shape[1:] if batch else model_t.shape
+        dims = tuple(cfg.reshape.shape) if cfg.HasField("reshape") else tuple(cfg.dims)
+        if len(dims) == len(shape) and any(d != s and -1 not in (d, s) for d, s in zip(dims, shape, strict=False)):
+            raise ModelLoadError(
+                f"{where}: {kind} '{cfg.name}' has dims {list(dims)} but the model file has "
+                f"{list(shape)}{' after the batch dim' if batch else ''}")
+
+
+def autocomplete(config: ModelConfig, io: ModelIO, *, name: str, default_max_batch_size: int,
+                 where: str) -> ModelConfig:
+    """Return `config` completed from the model file, as Triton's auto-complete does.
+
+    Missing inputs and outputs are added from the model file. A config that declares no tensors
+    and no max_batch_size gets `default_max_batch_size` when every tensor's first dim is dynamic,
+    plus an (empty) dynamic_batching block. Declared tensors are checked against the model file.
+    """
+    done = ModelConfig()
+    done.CopyFrom(config)
+    if not done.name:
+        done.name = name
+    untouched = not done.input and not done.output and done.max_batch_size == 0
+    if untouched and default_max_batch_size > 0 and _supports_batching(io):
+        done.max_batch_size = default_max_batch_size
+        if not done.HasField("dynamic_batching") and not done.HasField("sequence_batching"):
+            done.dynamic_batching.SetInParent()
+    batch = done.max_batch_size > 0
+    if batch and not _supports_batching(io):
+        bad = next(t for t in io.inputs + io.outputs if not t.shape or t.shape[0] != -1)
+        raise ModelLoadError(
+            f"{where}: max_batch_size is {done.max_batch_size} but '{bad.name}' has no dynamic first dim "
+            f"(shape {list(bad.shape)}); set max_batch_size: 0")
+    for kind, declared, actual in (("input", done.input, io.inputs), ("output", done.output, io.outputs)):
+        _check_declared(kind, list(declared), actual, batch, where)
+        have = {t.name for t in declared}
+        for t in actual:
+            if t.name in have:
+                continue
+            entry = declared.add()
+            entry.name = t.name
+            entry.data_type = mc.DataType.Value(t.dtype.config)
+            entry.dims.extend(t.shape[1:] if batch else t.shape)
+    return done
+
+
+def _tensor_specs(kind: str, entries: list, where: str) -> tuple[TensorSpec, ...]:
+    specs = []
+    seen: set[str] = set()
+    for e in entries:
+        if not e.name:
+            raise ModelLoadError(f"{where}: an {kind} has no name")
+        if e.name in seen:
+            raise ModelLoadError(f"{where}: {kind} '{e.name}' is declared twice")
+        seen.add(e.name)
+        dtype = dtypes.BY_CONFIG.get(mc.DataType.Name(e.data_type))
+        if dtype is None:
+            raise ModelLoadError(f"{where}: {kind} '{e.name}' has unsupported data_type "
+                                 f"{mc.DataType.Name(e.data_type)}")
+        dims = tuple(int(d) for d in e.dims)
+        if any(d < -1 for d in dims):
+            raise ModelLoadError(f"{where}: {kind} '{e.name}' has invalid dims {list(dims)}")
+        reshape = tuple(int(d) for d in e.reshape.shape) if e.HasField("reshape") else None
+        specs.append(TensorSpec(e.name, dtype, dims, reshape, bool(e.optional) if kind == "input" else False))
+    return tuple(specs)
+
+
+def instance_specs(config: ModelConfig, gpu_count: int) -> tuple[InstanceSpec, ...]:
+    """Expand instance_group into one InstanceSpec per instance.
+
+    No instance_group: one GPU instance per GPU when there are GPUs, else one CPU instance (Triton's
+    default). KIND_AUTO means GPU when one is present. A GPU group on a machine without GPUs falls
+    back to CPU; the backend logs that and reports the providers it really uses.
+    """
+    groups = list(config.instance_group)
+    if not groups:
+        groups = [mc.ModelInstanceGroup(kind=mc.ModelInstanceGroup.KIND_AUTO, count=1)]
+    out: list[InstanceSpec] = []
+    for gi, g in enumerate(groups):
+        count = g.count if g.count > 0 else 1
+        kind = mc.ModelInstanceGroup.Kind.Name(g.kind)
+        if kind in ("KIND_AUTO", "KIND_GPU"):
+            kind = "KIND_GPU" if gpu_count > 0 else "KIND_CPU"
+        base = g.name or f"{config.name}_{gi}"
+        if kind == "KIND_GPU":
+            gpus = list(g.gpus) or list(range(gpu_count))
+            for gpu in gpus:
+                for i in range(count):
+                    out.append(InstanceSpec(f"{base}_{i}_gpu{gpu}", kind, gpu))
+        else:
+            for i in range(count):
+                out.append(InstanceSpec(f"{base}_{i}", "KIND_CPU", -1))
+    return tuple(out)
+
+
+def build_spec(config: ModelConfig, backend: str, instances: tuple[InstanceSpec, ...], where: str) -> ModelSpec:
+    if config.max_batch_size < 0:
+        raise ModelLoadError(f"{where}: max_batch_size must be >= 0, got {config.max_batch_size}")
+    inputs = _tensor_specs("input", list(config.input), where)
+    outputs = _tensor_specs("output", list(config.output), where)
+    if not inputs or not outputs:
+        raise ModelLoadError(f"{where}: the model must have at least one input and one output")
+    params = {k: v.string_value for k, v in config.parameters.items()}
+    return ModelSpec(
+        name=config.name,
+        backend=backend,
+        platform=config.platform or {v: k for k, v in PLATFORMS.items()}.get(backend, backend),
+        max_batch_size=config.max_batch_size,
+        inputs=inputs,
+        outputs=outputs,
+        input_index=MappingProxyType({t.name: t for t in inputs}),
+        output_index=MappingProxyType({t.name: t for t in outputs}),
+        instances=instances,
+        parameters=MappingProxyType(params),
+        config=config,
+    )
+
+
+def config_to_json(config: ModelConfig) -> dict:
+    """Triton's JSON form of a ModelConfig (field names as in the .proto, defaults included)."""
+    return json_format.MessageToDict(config, preserving_proto_field_name=True,
+                                     always_print_fields_with_no_presence=True)

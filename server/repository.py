@@ -1,0 +1,284 @@
+"""The model repository: which models exist, which versions are loaded, and loading them.
+
+Layout (Triton's): ROOT/<model>/config.pbtxt and ROOT/<model>/<version>/model.onnx. Loading a
+model builds every selected version completely (sessions, auto-completed config, instance pool)
+on a worker thread, then swaps it in with one assignment, so requests see either the old model or
+the new one, never half of either. A failed load leaves whatever was serving untouched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .backends.registry import get_backend
+from .errors import InvalidArgument, ModelLoadError, NotFound
+from .model_config import (
+    ModelConfig,
+    ModelSpec,
+    autocomplete,
+    backend_name,
+    build_spec,
+    instance_specs,
+    read_config,
+)
+from .scheduler import InstancePool
+
+log = logging.getLogger(__name__)
+
+READY, UNAVAILABLE, LOADING, UNLOADING = "READY", "UNAVAILABLE", "LOADING", "UNLOADING"
+# config parameter (in the served config) naming the execution providers in use
+PROVIDERS_PARAMETER = "fuserve_execution_providers"
+
+
+@dataclass(eq=False)
+class ModelVersion:
+    """One loaded, ready version: its resolved spec and the instances that run it."""
+
+    spec: ModelSpec
+    version: int
+    pool: InstancePool
+    load_seconds: float
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+@dataclass(eq=False)
+class ModelEntry:
+    name: str
+    state: str = UNAVAILABLE
+    reason: str = ""
+    versions: dict[int, ModelVersion] = field(default_factory=dict)
+    latest: ModelVersion | None = None
+    fingerprint: tuple = ()
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+def _valid_name(name: str) -> bool:
+    return bool(name) and name not in (".", "..") and not any(c in name for c in "/\\\0")
+
+
+def _fingerprint(model_dir: Path) -> tuple:
+    """What poll mode compares to notice a changed model: every file's path, size and mtime."""
+    items = []
+    for p in sorted(model_dir.rglob("*")):
+        if p.is_file():
+            st = p.stat()
+            items.append((str(p.relative_to(model_dir)), st.st_size, st.st_mtime_ns))
+    return tuple(items)
+
+
+def select_versions(model_dir: Path, config: ModelConfig) -> list[int]:
+    """The version numbers to load under `version_policy` (default: the latest one)."""
+    present = sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+    if not present:
+        raise ModelLoadError(f"{model_dir}: no version directories (expected e.g. {model_dir}/1/)")
+    policy = config.version_policy
+    which = policy.WhichOneof("policy_choice")
+    if which == "all":
+        return present
+    if which == "specific":
+        wanted = sorted(set(int(v) for v in policy.specific.versions))
+        missing = [v for v in wanted if v not in present]
+        if missing:
+            raise ModelLoadError(f"{model_dir}: version_policy names versions {missing}, which have no directory")
+        return wanted
+    n = policy.latest.num_versions if which == "latest" and policy.latest.num_versions > 0 else 1
+    return present[-n:]
+
+
+class Repository:
+    def __init__(self, roots: tuple[Path, ...], *, default_max_batch_size: int = 4,
+                 auto_complete: bool = True) -> None:
+        self.roots = tuple(r.resolve() for r in roots)
+        self.default_max_batch_size = default_max_batch_size
+        self.auto_complete = auto_complete
+        self._models: dict[str, ModelEntry] = {}
+
+    # ---- the request path -------------------------------------------------------------------
+
+    def get(self, name: str, version: str = "") -> ModelVersion:
+        """The ready version a request addresses; NotFound names what is missing."""
+        entry = self._models.get(name)
+        if entry is None or entry.latest is None:
+            why = f": {entry.reason}" if entry is not None and entry.reason else ""
+            raise NotFound(f"unknown model '{name}': it is not loaded{why}")
+        if not version or version == "-1":
+            return entry.latest
+        mv = entry.versions.get(int(version)) if version.isdigit() else None
+        if mv is None:
+            ready = ", ".join(str(v) for v in sorted(entry.versions))
+            raise NotFound(f"model '{name}' has no version '{version}' ready (ready versions: {ready})")
+        return mv
+
+    def ready_models(self) -> list[ModelVersion]:
+        return [mv for e in self._models.values() for mv in e.versions.values()]
+
+    # ---- discovery ------------------------------------------------------------------------------
+
+    def scan(self) -> dict[str, Path]:
+        """Model name -> directory, for every model directory in the repositories."""
+        found: dict[str, Path] = {}
+        for root in self.roots:
+            if not root.is_dir():
+                continue
+            for p in sorted(root.iterdir()):
+                if p.is_dir() and not p.name.startswith(".") and _valid_name(p.name):
+                    found.setdefault(p.name, p)
+        return found
+
+    def model_dir(self, name: str) -> Path:
+        """The directory of model `name`, refusing names that would leave the repositories."""
+        if not _valid_name(name):
+            raise InvalidArgument(f"invalid model name '{name}'")
+        hits = []
+        for root in self.roots:
+            p = (root / name).resolve()
+            if p.parent == root and p.is_dir():
+                hits.append(p)
+        if not hits:
+            raise NotFound(f"model '{name}' is not in the model repository")
+        if len(hits) > 1:
+            raise ModelLoadError(f"model '{name}' appears in more than one repository: {', '.join(map(str, hits))}")
+        return hits[0]
+
+    def index(self, ready_only: bool = False) -> list[dict]:
+        """The repository index: known models, one row per loaded version (Triton's shape)."""
+        rows: list[dict] = []
+        names = set(self.scan()) | set(self._models)
+        for name in sorted(names):
+            entry = self._models.get(name)
+            if entry is not None and entry.versions:
+                for v in sorted(entry.versions):
+                    rows.append({"name": name, "version": str(v), "state": READY, "reason": ""})
+            elif not ready_only:
+                state = entry.state if entry is not None else UNAVAILABLE
+                reason = entry.reason if entry is not None else "unloaded"
+                rows.append({"name": name, "version": "", "state": state, "reason": reason})
+        return rows
+
+    # ---- loading ------------------------------------------------------------------------------
+
+    def _build(self, name: str, model_dir: Path) -> dict[int, tuple[ModelSpec, list, float]]:
+        """Open every selected version (blocking; runs on a worker thread)."""
+        config = read_config(model_dir)
+        where = str(model_dir / "config.pbtxt")
+        if config.name and config.name != name:
+            raise ModelLoadError(f"{where}: name '{config.name}' does not match the directory name '{name}'")
+        config.name = name
+        backend = get_backend(backend_name(config, model_dir))
+        instances = instance_specs(config, backend.gpu_count())
+        built: dict[int, tuple[ModelSpec, list, float]] = {}
+        try:
+            for version in select_versions(model_dir, config):
+                started = time.monotonic()
+                path = model_dir / str(version) / (config.default_model_filename or backend.model_filename)
+                if not path.is_file():
+                    raise ModelLoadError(f"{path}: model file not found")
+                opened = []
+                try:
+                    for spec_i in instances:
+                        opened.append(backend.create_instance(path, config, spec_i))
+                    done = ModelConfig()
+                    done.CopyFrom(config)
+                    if self.auto_complete:
+                        done = autocomplete(config, opened[0].io, name=name,
+                                            default_max_batch_size=self.default_max_batch_size, where=where)
+                    if not done.backend:
+                        done.backend = backend.name
+                    # Report where the model really runs (e.g. CPU after a CUDA fallback).
+                    devices = ",".join(sorted({i.device for i in opened}))
+                    done.parameters[PROVIDERS_PARAMETER].string_value = devices
+                    spec = build_spec(done, backend.name, instances, where)
+                except BaseException:
+                    for instance in opened:
+                        instance.close()
+                    raise
+                built[version] = (spec, opened, time.monotonic() - started)
+        except BaseException:
+            for _, instances_open, _ in built.values():
+                for instance in instances_open:
+                    instance.close()
+            raise
+        return built
+
+    async def load(self, name: str) -> None:
+        """Load (or reload) `name` from disk; raise with the reason on failure."""
+        model_dir = self.model_dir(name)
+        entry = self._models.setdefault(name, ModelEntry(name))
+        async with entry.lock:
+            previous_state = entry.state
+            if not entry.versions:
+                entry.state, entry.reason = LOADING, ""
+            fingerprint = await asyncio.to_thread(_fingerprint, model_dir)
+            try:
+                built = await asyncio.to_thread(self._build, name, model_dir)
+            except Exception as exc:
+                reason = str(exc) if isinstance(exc, ModelLoadError) else f"{type(exc).__name__}: {exc}"
+                if entry.versions:  # a failed reload leaves the loaded model serving
+                    entry.state = previous_state
+                else:
+                    entry.state, entry.reason = UNAVAILABLE, reason
+                entry.fingerprint = fingerprint
+                log.error("failed to load model '%s': %s", name, reason)
+                raise ModelLoadError(f"failed to load model '{name}': {reason}") from exc
+            versions = {
+                v: ModelVersion(spec, v, InstancePool(f"{name}-{v}", opened), secs)
+                for v, (spec, opened, secs) in built.items()
+            }
+            old = entry.versions
+            entry.versions, entry.latest = versions, versions[max(versions)]
+            entry.state, entry.reason, entry.fingerprint = READY, "", fingerprint
+            for v, mv in sorted(versions.items()):
+                log.info("loaded model '%s' version %d on %s in %.2fs", name, v,
+                         ", ".join(sorted(set(mv.pool.devices))), mv.load_seconds)
+        for mv in old.values():
+            await mv.pool.close()
+
+    async def unload(self, name: str) -> None:
+        if not _valid_name(name):
+            raise InvalidArgument(f"invalid model name '{name}'")
+        entry = self._models.get(name)
+        if entry is None or not entry.versions:
+            if entry is None:
+                self.model_dir(name)  # NotFound for a name that is nowhere
+            return
+        async with entry.lock:
+            old = entry.versions
+            entry.versions, entry.latest = {}, None
+            entry.state, entry.reason = UNAVAILABLE, "unloaded"
+        for mv in old.values():
+            await mv.pool.close()
+        log.info("unloaded model '%s'", name)
+
+    async def load_many(self, names: list[str]) -> dict[str, str]:
+        """Load each model; return name -> error for those that failed (the others still load)."""
+        errors: dict[str, str] = {}
+        for name in names:
+            try:
+                await self.load(name)
+            except Exception as exc:
+                errors[name] = str(exc)
+        return errors
+
+    async def poll_once(self) -> None:
+        """Poll mode: load new models, reload changed ones, unload removed ones."""
+        present = self.scan()
+        for name in sorted(present):
+            entry = self._models.get(name)
+            if entry is not None and entry.fingerprint == await asyncio.to_thread(_fingerprint, present[name]):
+                continue
+            with contextlib.suppress(Exception):  # logged by load(); the index shows it unavailable
+                await self.load(name)
+        for name in sorted(set(self._models) - set(present)):
+            await self.unload(name)
+
+    async def close(self) -> None:
+        for name in list(self._models):
+            await self.unload(name)

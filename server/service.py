@@ -1,0 +1,180 @@
+"""The protocol-agnostic core that both frontends call.
+
+Frontends decode the wire format into `types.InferRequest`, call `InferenceService`, and encode
+what it returns; errors are raised from `errors` and mapped to the wire by each frontend once.
+Everything a request is checked against (names, datatypes, dims, max_batch_size) was resolved
+into the model's `ModelSpec` when it loaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import SERVER_NAME, __version__
+from .errors import InvalidArgument, Unavailable, Unsupported
+from .model_config import ModelConfig, ModelSpec
+from .repository import Repository
+from .types import InferRequest, InferResponse, Tensor
+
+EXTENSIONS = ("binary_tensor_data", "model_configuration", "model_repository", "parameters")
+
+
+@dataclass(frozen=True)
+class TensorMetadata:
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ModelMetadata:
+    name: str
+    versions: tuple[str, ...]
+    platform: str
+    inputs: tuple[TensorMetadata, ...]
+    outputs: tuple[TensorMetadata, ...]
+
+
+def _check_inputs(spec: ModelSpec, request: InferRequest) -> dict[str, np.ndarray]:
+    """Validate the request's tensors against the model; return the feeds the backend gets."""
+    feeds: dict[str, np.ndarray] = {}
+    batch = -1
+    for t in request.inputs:
+        ts = spec.input_index.get(t.name)
+        if ts is None:
+            raise InvalidArgument(f"unexpected input '{t.name}' for model '{spec.name}' "
+                                  f"(its inputs: {', '.join(spec.input_index)})")
+        if t.name in feeds:
+            raise InvalidArgument(f"input '{t.name}' is given more than once")
+        if t.datatype != ts.dtype.v2:
+            raise InvalidArgument(f"input '{t.name}' has datatype {t.datatype}, model '{spec.name}' "
+                                  f"expects {ts.dtype.v2}")
+        shape = t.shape
+        dims = shape
+        if spec.max_batch_size > 0:
+            if len(shape) != len(ts.dims) + 1:
+                raise InvalidArgument(f"input '{t.name}' has shape {list(shape)}; model '{spec.name}' "
+                                      f"expects {[-1, *ts.dims]} (batch dim first)")
+            if shape[0] < 1 or shape[0] > spec.max_batch_size:
+                raise InvalidArgument(f"input '{t.name}' has batch size {shape[0]}; model '{spec.name}' accepts "
+                                      f"1 to {spec.max_batch_size} (max_batch_size)")
+            if batch == -1:
+                batch = shape[0]
+            elif shape[0] != batch:
+                raise InvalidArgument(f"input '{t.name}' has batch size {shape[0]}, other inputs have {batch}")
+            dims = shape[1:]
+        if len(dims) != len(ts.dims) or any(w != -1 and g != w for g, w in zip(dims, ts.dims, strict=True)):
+            expected = [-1, *ts.dims] if spec.max_batch_size > 0 else list(ts.dims)
+            raise InvalidArgument(f"input '{t.name}' has shape {list(shape)}; model '{spec.name}' expects "
+                                  f"{expected}")
+        data = t.data
+        if ts.reshape is not None:
+            data = data.reshape((shape[0], *ts.reshape) if spec.max_batch_size > 0 else ts.reshape)
+        feeds[t.name] = data
+    missing = [ts.name for ts in spec.inputs if ts.name not in feeds and not ts.optional]
+    if missing:
+        raise InvalidArgument(f"model '{spec.name}' expects input(s) {', '.join(missing)}, "
+                              f"which the request does not have")
+    return feeds
+
+
+class InferenceService:
+    def __init__(self, repository: Repository, *, model_control_mode: str = "none") -> None:
+        self.repository = repository
+        self.model_control_mode = model_control_mode
+        self.live = True
+        self.accepting = False  # True once start-up loading is done; False again on shutdown
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    # ---- health and metadata -------------------------------------------------------------------
+
+    def server_ready(self) -> bool:
+        return self.accepting
+
+    def server_metadata(self) -> dict:
+        return {"name": SERVER_NAME, "version": __version__, "extensions": list(EXTENSIONS)}
+
+    def model_ready(self, name: str, version: str = "") -> bool:
+        try:
+            self.repository.get(name, version)
+        except Exception:
+            return False
+        return self.accepting
+
+    def model_metadata(self, name: str, version: str = "") -> ModelMetadata:
+        mv = self.repository.get(name, version)
+        spec = mv.spec
+        batch = (-1,) if spec.max_batch_size > 0 else ()
+        versions = tuple(str(m.version) for m in self.repository.ready_models() if m.name == name)
+        return ModelMetadata(
+            name=spec.name,
+            versions=versions,
+            platform=spec.platform,
+            inputs=tuple(TensorMetadata(t.name, t.dtype.v2, batch + t.dims) for t in spec.inputs),
+            outputs=tuple(TensorMetadata(t.name, t.dtype.v2, batch + t.dims) for t in spec.outputs),
+        )
+
+    def model_config(self, name: str, version: str = "") -> ModelConfig:
+        """The completed config of a loaded model (auto-complete applied)."""
+        return self.repository.get(name, version).spec.config
+
+    # ---- inference -----------------------------------------------------------------------------
+
+    async def infer(self, request: InferRequest) -> InferResponse:
+        if not self.accepting:
+            raise Unavailable("the server is not accepting requests (starting up or shutting down)")
+        mv = self.repository.get(request.model_name, request.model_version)
+        spec = mv.spec
+        if "classification" in {k for o in request.outputs for k in o.parameters}:
+            raise Unsupported("the classification extension is not supported by fuserve")
+        feeds = _check_inputs(spec, request)
+        if request.outputs:
+            names = []
+            for o in request.outputs:
+                if o.name not in spec.output_index:
+                    raise InvalidArgument(f"unexpected output '{o.name}' for model '{spec.name}' "
+                                          f"(its outputs: {', '.join(spec.output_index)})")
+                names.append(o.name)
+        else:
+            names = list(spec.output_index)
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            results = await mv.pool.execute(feeds, names)
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
+        outputs = []
+        for name in names:
+            arr = results[name]
+            outputs.append(Tensor(name, spec.output_index[name].dtype.v2, arr.shape, arr))
+        return InferResponse(model_name=spec.name, model_version=str(mv.version), outputs=outputs, id=request.id)
+
+    async def drain(self) -> None:
+        """Stop accepting requests and wait for those in flight."""
+        self.accepting = False
+        await self._idle.wait()
+
+    # ---- model repository extension ---------------------------------------------------------------
+
+    def repository_index(self, ready_only: bool = False) -> list[dict]:
+        return self.repository.index(ready_only)
+
+    def _check_explicit(self, action: str) -> None:
+        if self.model_control_mode != "explicit":
+            raise Unsupported(f"explicit model {action} is not allowed: the server runs with "
+                              f"--model-control-mode={self.model_control_mode}; use explicit mode")
+
+    async def load_model(self, name: str) -> None:
+        self._check_explicit("load")
+        await self.repository.load(name)
+
+    async def unload_model(self, name: str) -> None:
+        self._check_explicit("unload")
+        await self.repository.unload(name)
