@@ -15,6 +15,7 @@ instance reports as its device.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -27,6 +28,8 @@ from ..errors import InvalidArgument, ModelLoadError
 from ..model_config import InstanceSpec, ModelConfig, ModelIO, TensorIO
 
 log = logging.getLogger(__name__)
+
+_ONNX_BFLOAT16 = 16  # onnx.TensorProto.BFLOAT16
 
 _GRAPH_LEVELS = {
     -1: ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -105,6 +108,8 @@ class OrtInstance:
         )
         self._string_inputs = frozenset(t.name for t in self._io.inputs if t.dtype is dtypes.BYTES)
         self._string_outputs = frozenset(t.name for t in self._io.outputs if t.dtype is dtypes.BYTES)
+        bf16 = dtypes.BY_V2["BF16"]
+        self._bf16 = any(t.dtype is bf16 for t in self._io.inputs + self._io.outputs)
 
     @property
     def io(self) -> ModelIO:
@@ -118,12 +123,31 @@ class OrtInstance:
         feeds = dict(inputs)
         for name in self._string_inputs.intersection(feeds):
             feeds[name] = _to_ort_strings(name, feeds[name])
-        results = self.session.run(list(outputs), feeds)
-        out = dict(zip(outputs, results, strict=False))
+        results = self._run_bf16(feeds, outputs) if self._bf16 else self.session.run(list(outputs), feeds)
+        out = dict(zip(outputs, results, strict=True))
         for name in self._string_outputs.intersection(out):
             arr = out[name]
             out[name] = np.array([s.encode("utf-8") for s in arr.reshape(-1)], dtype=object).reshape(arr.shape)
         return out
+
+    def _run_bf16(self, feeds: dict[str, np.ndarray], outputs: Sequence[str]) -> list[np.ndarray]:
+        # onnxruntime's numpy bridge has no bfloat16: pass such tensors as OrtValues of raw uint16.
+        values = {}
+        for name, arr in feeds.items():
+            if arr.dtype == dtypes.BY_V2["BF16"].numpy:
+                values[name] = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(
+                    np.ascontiguousarray(arr).view(np.uint16), _ONNX_BFLOAT16)
+            else:
+                values[name] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(arr))
+        results = []
+        for value in self.session.run_with_ort_values(list(outputs), values):
+            if value.data_type() == "tensor(bfloat16)":
+                shape = tuple(value.shape())
+                raw = ctypes.string_at(value.data_ptr(), 2 * int(np.prod(shape)))
+                results.append(np.frombuffer(raw, np.uint16).view(dtypes.BY_V2["BF16"].numpy).reshape(shape))
+            else:
+                results.append(value.numpy())
+        return results
 
     def close(self) -> None:
         del self.session

@@ -1,0 +1,130 @@
+"""Shared fixtures: a real `fuserve serve` process on free ports, and a test model repository."""
+
+from __future__ import annotations
+
+import http.client
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import model_builders as mb
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class FuserveProcess:
+    """`python -m server serve` on free ports; stop() sends SIGTERM and returns the exit code."""
+
+    def __init__(self, repos: list[Path] | Path, *args: str, log_dir: Path) -> None:
+        self.http_port, self.grpc_port, self.metrics_port = free_port(), free_port(), free_port()
+        repos = [repos] if isinstance(repos, Path) else repos
+        cmd = [sys.executable, "-m", "server", "serve", "--http-port", str(self.http_port),
+               "--grpc-port", str(self.grpc_port), "--metrics-port", str(self.metrics_port), *args]
+        for r in repos:
+            cmd += ["--model-repository", str(r)]
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = log_dir / f"fuserve-{self.http_port}.log"
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+    @property
+    def http_url(self) -> str:
+        return f"127.0.0.1:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def request(self, method: str, path: str, body: bytes | None = None,
+                headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.http_port, timeout=30)
+        try:
+            conn.request(method, path, body=body, headers=headers or {})
+            resp = conn.getresponse()
+            return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+        finally:
+            conn.close()
+
+    def wait_ready(self, timeout: float = 90.0) -> FuserveProcess:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"fuserve exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if self.request("GET", "/v2/health/ready")[0] == 200:
+                    return self
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise TimeoutError(f"fuserve not ready after {timeout}s:\n{self.log()}")
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="session")
+def start_server(tmp_path_factory):
+    """Start a fuserve process; every process started is stopped at the end of the session."""
+    started: list[FuserveProcess] = []
+    log_dir = tmp_path_factory.mktemp("logs")
+
+    def start(repos, *args: str, wait: bool = True) -> FuserveProcess:
+        p = FuserveProcess(repos, *args, log_dir=log_dir)
+        started.append(p)
+        return p.wait_ready() if wait else p
+
+    yield start
+    for p in started:
+        p.stop()
+
+
+@pytest.fixture(scope="session")
+def test_repo(tmp_path_factory) -> Path:
+    """The repository the shared server serves: bundled models plus small test models."""
+    repo = tmp_path_factory.mktemp("repo")
+    mb.generated(repo, "add_sub")
+    mb.generated(repo, "add_sub_string")
+    for v2 in mb.ONNX_TYPES:  # no config.pbtxt: auto-complete
+        mb.identity(repo / f"identity_{v2.lower()}" / "1" / "model.onnx", v2)
+    for v in (1, 2, 3):
+        mb.add_constant(repo / "versioned" / str(v) / "model.onnx", float(v))
+        mb.add_constant(repo / "latest_only" / str(v) / "model.onnx", float(v))
+    mb.write_config(repo / "versioned", 'platform: "onnxruntime_onnx"\nmax_batch_size: 4\n'
+                                        "version_policy: { all: {} }\n")
+    mb.add_constant(repo / "no_batch" / "1" / "model.onnx", 10.0, batch=False)
+    mb.write_config(repo / "no_batch", 'backend: "onnxruntime"\nmax_batch_size: 0\n')
+    mb.write_config(repo / "broken_config", "name: \"broken_config\"\nmax_batch_size: [oops\n")
+    (repo / "broken_onnx" / "1").mkdir(parents=True)
+    (repo / "broken_onnx" / "1" / "model.onnx").write_bytes(b"this is not an onnx file")
+    mb.write_config(repo / "broken_onnx", 'platform: "onnxruntime_onnx"\n')
+    return repo
+
+
+@pytest.fixture(scope="session")
+def server(start_server, test_repo) -> FuserveProcess:
+    """One shared server over `test_repo` (model control mode none) for read-only tests."""
+    return start_server(test_repo)
