@@ -98,6 +98,16 @@ def read_config(model_dir: Path) -> ModelConfig:
     return config
 
 
+def parse_config_json(text: str, where: str) -> ModelConfig:
+    """A ModelConfig given as JSON (the repository load API's `config` parameter)."""
+    config = ModelConfig()
+    try:
+        json_format.Parse(text, config)
+    except json_format.ParseError as exc:
+        raise ModelLoadError(f"{where}: invalid model configuration JSON: {exc}") from exc
+    return config
+
+
 def backend_name(config: ModelConfig, model_dir: Path) -> str:
     """Which backend serves this model: `backend`, else `platform`, else the model file present."""
     if config.backend:

@@ -24,6 +24,7 @@ from .model_config import (
     backend_name,
     build_spec,
     instance_specs,
+    parse_config_json,
     read_config,
 )
 from .scheduler import InstancePool
@@ -165,10 +166,15 @@ class Repository:
 
     # ---- loading ------------------------------------------------------------------------------
 
-    def _build(self, name: str, model_dir: Path) -> dict[int, tuple[ModelSpec, list, float]]:
+    def _build(self, name: str, model_dir: Path,
+               config_override: str | None = None) -> dict[int, tuple[ModelSpec, list, float]]:
         """Open every selected version (blocking; runs on a worker thread)."""
-        config = read_config(model_dir)
-        where = str(model_dir / "config.pbtxt")
+        if config_override is not None:
+            config = parse_config_json(config_override, f"the config override for model '{name}'")
+            where = f"the config override for model '{name}'"
+        else:
+            config = read_config(model_dir)
+            where = str(model_dir / "config.pbtxt")
         if config.name and config.name != name:
             raise ModelLoadError(f"{where}: name '{config.name}' does not match the directory name '{name}'")
         config.name = name
@@ -208,9 +214,16 @@ class Repository:
             raise
         return built
 
-    async def load(self, name: str) -> None:
-        """Load (or reload) `name` from disk; raise with the reason on failure."""
-        model_dir = self.model_dir(name)
+    async def load(self, name: str, config_override: str | None = None) -> None:
+        """Load (or reload) `name` from disk; raise with the reason on failure.
+
+        `config_override` is a ModelConfig in JSON that replaces config.pbtxt (Triton's `config`
+        load parameter); auto-complete still fills in what it leaves out.
+        """
+        try:
+            model_dir = self.model_dir(name)
+        except NotFound:
+            raise NotFound(f"failed to load model '{name}': it is not in the model repository") from None
         entry = self._models.setdefault(name, ModelEntry(name))
         async with entry.lock:
             previous_state = entry.state
@@ -218,7 +231,7 @@ class Repository:
                 entry.state, entry.reason = LOADING, ""
             fingerprint = await asyncio.to_thread(_fingerprint, model_dir)
             try:
-                built = await asyncio.to_thread(self._build, name, model_dir)
+                built = await asyncio.to_thread(self._build, name, model_dir, config_override)
             except Exception as exc:
                 reason = str(exc) if isinstance(exc, ModelLoadError) else f"{type(exc).__name__}: {exc}"
                 if entry.versions:  # a failed reload leaves the loaded model serving

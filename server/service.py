@@ -171,9 +171,18 @@ class InferenceService:
             raise Unsupported(f"explicit model {action} is not allowed: the server runs with "
                               f"--model-control-mode={self.model_control_mode}; use explicit mode")
 
-    async def load_model(self, name: str) -> None:
+    async def load_model(self, name: str, parameters: dict | None = None) -> None:
+        """Load or reload a model. Parameters: `config` (a ModelConfig in JSON replacing config.pbtxt)."""
         self._check_explicit("load")
-        await self.repository.load(name)
+        parameters = parameters or {}
+        unknown = set(parameters) - {"config"}
+        if unknown:
+            raise Unsupported(f"unsupported load parameter(s): {', '.join(sorted(unknown))} "
+                              f"(fuserve supports 'config'; file overrides are not supported)")
+        override = parameters.get("config")
+        if override is not None and not isinstance(override, str):
+            raise InvalidArgument("the load parameter 'config' must be a JSON string")
+        await self.repository.load(name, override)
 
     async def unload_model(self, name: str) -> None:
         self._check_explicit("unload")

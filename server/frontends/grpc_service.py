@@ -123,7 +123,7 @@ class GrpcFrontend(pb_grpc.GRPCInferenceServiceServicer):
     @_unary
     async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest,
                                   context: Any) -> pb.RepositoryModelLoadResponse:
-        await self.service.load_model(request.model_name)
+        await self.service.load_model(request.model_name, v2_proto.parameters_from_proto(request.parameters))
         return pb.RepositoryModelLoadResponse()
 
     @_unary

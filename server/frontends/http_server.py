@@ -128,8 +128,8 @@ class HttpProtocol(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         length = self._headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.server.max_body:
-            self._error = (f"request body of {length} bytes exceeds the {self.server.max_body}-byte limit "
-                           f"(--http-max-input-size)")
+            self._refuse(f"request body of {length} bytes exceeds the {self.server.max_body}-byte limit "
+                         f"(--http-max-input-size)")
         elif self._headers.get("expect", "").lower() == "100-continue" and self.transport is not None:
             self.transport.write(_CONTINUE)
 
@@ -138,16 +138,23 @@ class HttpProtocol(asyncio.Protocol):
             return
         self._size += len(body)
         if self._size > self.server.max_body:
-            self._error = f"request body exceeds the {self.server.max_body}-byte limit (--http-max-input-size)"
-            self._body = []
+            self._refuse(f"request body exceeds the {self.server.max_body}-byte limit (--http-max-input-size)")
             return
         self._body.append(body)
 
+    def _refuse(self, error: str) -> None:
+        """Answer an oversized request now, without reading its body, then close the connection."""
+        self._error = error
+        self._body = []
+        self._enqueue(HttpRequest(self.parser.get_method().decode("latin-1"), "", self._headers, b"", error), False)
+
     def on_message_complete(self) -> None:
+        if self._error:  # already answered by _refuse
+            return
         body = b"".join(self._body) if len(self._body) != 1 else self._body[0]
-        error = self._error
+        error = ""
         encoding = self._headers.get("content-encoding", "identity").lower()
-        if not error and encoding != "identity" and body:
+        if encoding != "identity" and body:
             try:
                 body = _decompress(body, encoding, self.server.max_body)
             except (ValueError, zlib.error) as exc:
@@ -155,7 +162,9 @@ class HttpProtocol(asyncio.Protocol):
         url = httptools.parse_url(self._url)
         path = unquote(url.path.decode("latin-1"))
         request = HttpRequest(self.parser.get_method().decode("latin-1"), path, self._headers, body, error)
-        keep_alive = self.parser.should_keep_alive() and not error
+        self._enqueue(request, self.parser.should_keep_alive() and not error)
+
+    def _enqueue(self, request: HttpRequest, keep_alive: bool) -> None:
         self.queue.append((request, keep_alive))
         if len(self.queue) > _MAX_PIPELINED and self.transport is not None:
             self.transport.pause_reading()

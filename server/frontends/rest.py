@@ -79,7 +79,7 @@ class RestFrontend:
                 return self._index(request)
             if n == 4 and rest[1] == "models" and rest[3] in ("load", "unload"):
                 if rest[3] == "load":
-                    await self.service.load_model(rest[2])
+                    await self.service.load_model(rest[2], self._load_parameters(request))
                 else:
                     await self.service.unload_model(rest[2])
                 return _OK_EMPTY
@@ -126,6 +126,16 @@ class RestFrontend:
     }
 
     # ---- repository extension -------------------------------------------------------------------
+
+    @staticmethod
+    def _load_parameters(request: HttpRequest) -> dict:
+        if not request.body.strip():
+            return {}
+        body = v2_json.loads(request.body, "load request")
+        params = body.get("parameters", {}) if isinstance(body, dict) else None
+        if not isinstance(params, dict):
+            raise InvalidArgument("the load request must be a JSON object with an optional 'parameters' object")
+        return params
 
     def _index(self, request: HttpRequest) -> HttpResponse:
         ready_only = False
