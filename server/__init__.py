@@ -6,4 +6,3 @@ The data path, one module per step:
 """
 
 __version__ = "0.1.0"
-SERVER_NAME = "fuserve"

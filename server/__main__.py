@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "show the failed model as unavailable in the repository index)")
     s.add_argument("--exit-timeout-secs", type=float, default=30.0, metavar="SECS",
                    help="on SIGTERM/SIGINT, how long to wait for requests in flight before exiting (default 30)")
+    s.add_argument("--server-name", default="triton", metavar="NAME",
+                   help="name reported by the server metadata endpoint (default 'triton', which Triton's "
+                        "clients and examples expect; the version field says fuserve's version)")
     s.add_argument("--log-verbose", type=int, default=0, metavar="LEVEL", help="verbose logging when > 0")
     s.add_argument("--http-max-input-size", "--max-input-size", dest="max_input_size", type=int,
                    default=64 * 1024 * 1024, metavar="BYTES",
@@ -83,6 +86,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         exit_on_error=args.exit_on_error,
         exit_timeout_secs=args.exit_timeout_secs,
         log_verbose=args.log_verbose,
+        server_name=args.server_name,
         max_input_size=args.max_input_size,
         default_max_batch_size=args.default_max_batch_size,
         disable_auto_complete_config=args.disable_auto_complete_config,

@@ -35,7 +35,8 @@ async def _poll(repository: Repository, interval: float) -> None:
 async def serve(config: ServerConfig) -> int:
     repository = Repository(config.model_repositories, default_max_batch_size=config.default_max_batch_size,
                             auto_complete=not config.disable_auto_complete_config)
-    service = InferenceService(repository, model_control_mode=config.model_control_mode)
+    service = InferenceService(repository, model_control_mode=config.model_control_mode,
+                               server_name=config.server_name)
 
     if config.model_control_mode == "explicit":
         names = sorted(repository.scan()) if "*" in config.load_models else list(config.load_models)

@@ -24,6 +24,8 @@ class ServerConfig:
     exit_on_error: bool = False
     exit_timeout_secs: float = 30.0
     log_verbose: int = 0
+    # Reported in server metadata. "triton" by default: Triton's clients and examples check it.
+    server_name: str = "triton"
     # Largest request body (HTTP) or message (gRPC) accepted, in bytes.
     max_input_size: int = 64 * 1024 * 1024
     # Triton's auto-complete gives batchable models without a config this max_batch_size.

@@ -28,6 +28,7 @@ from .model_config import (
     read_config,
 )
 from .scheduler import InstancePool
+from .stats import ModelStats
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,10 @@ class ModelVersion:
     version: int
     pool: InstancePool
     load_seconds: float
+    stats: ModelStats = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.stats = ModelStats(self.spec.name, str(self.version))
 
     @property
     def name(self) -> str:
@@ -108,14 +113,18 @@ class Repository:
         """The ready version a request addresses; NotFound names what is missing."""
         entry = self._models.get(name)
         if entry is None or entry.latest is None:
-            why = f": {entry.reason}" if entry is not None and entry.reason else ""
-            raise NotFound(f"unknown model '{name}': it is not loaded{why}")
+            # Triton's wording: its clients and examples look for "Request for unknown model".
+            if entry is None:
+                raise NotFound(f"Request for unknown model: '{name}' is not found")
+            why = f" ({entry.reason})" if entry.reason else ""
+            raise NotFound(f"Request for unknown model: '{name}' has no available versions{why}")
         if not version or version == "-1":
             return entry.latest
         mv = entry.versions.get(int(version)) if version.isdigit() else None
         if mv is None:
             ready = ", ".join(str(v) for v in sorted(entry.versions))
-            raise NotFound(f"model '{name}' has no version '{version}' ready (ready versions: {ready})")
+            raise NotFound(f"Request for unknown model: '{name}' version {version} is not found "
+                           f"(ready versions: {ready})")
         return mv
 
     def ready_models(self) -> list[ModelVersion]:

@@ -8,6 +8,7 @@ the direct (unbatched) scheduler; the dynamic batcher sits in front of the same 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -27,14 +28,19 @@ class InstancePool:
     def devices(self) -> tuple[str, ...]:
         return tuple(i.device for i in self._instances)
 
-    async def execute(self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]) -> dict[str, np.ndarray]:
+    async def execute(self, inputs: Mapping[str, np.ndarray],
+                      outputs: Sequence[str]) -> tuple[dict[str, np.ndarray], int, int]:
+        """Run on the next free instance; return (outputs, ns waiting for it, ns executing)."""
+        arrived = time.perf_counter_ns()
         async with self._slots:
             instance = self._free.pop()
+            started = time.perf_counter_ns()
             try:
                 loop = asyncio.get_running_loop()
-                return await loop.run_in_executor(self._executor, instance.execute, inputs, outputs)
+                results = await loop.run_in_executor(self._executor, instance.execute, inputs, outputs)
             finally:
                 self._free.append(instance)
+            return results, started - arrived, time.perf_counter_ns() - started
 
     async def close(self) -> None:
         """Wait for executions in flight, then release the instances."""

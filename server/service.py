@@ -9,17 +9,18 @@ into the model's `ModelSpec` when it loaded.
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass
 
 import numpy as np
 
-from . import SERVER_NAME, __version__
+from . import __version__
 from .errors import InvalidArgument, Unavailable, Unsupported
 from .model_config import ModelConfig, ModelSpec
-from .repository import Repository
+from .repository import ModelVersion, Repository
 from .types import InferRequest, InferResponse, Tensor
 
-EXTENSIONS = ("binary_tensor_data", "model_configuration", "model_repository", "parameters")
+EXTENSIONS = ("binary_tensor_data", "model_configuration", "model_repository", "parameters", "statistics")
 
 
 @dataclass(frozen=True)
@@ -82,8 +83,10 @@ def _check_inputs(spec: ModelSpec, request: InferRequest) -> dict[str, np.ndarra
 
 
 class InferenceService:
-    def __init__(self, repository: Repository, *, model_control_mode: str = "none") -> None:
+    def __init__(self, repository: Repository, *, model_control_mode: str = "none",
+                 server_name: str = "triton") -> None:
         self.repository = repository
+        self.server_name = server_name
         self.model_control_mode = model_control_mode
         self.live = True
         self.accepting = False  # True once start-up loading is done; False again on shutdown
@@ -97,7 +100,7 @@ class InferenceService:
         return self.accepting
 
     def server_metadata(self) -> dict:
-        return {"name": SERVER_NAME, "version": __version__, "extensions": list(EXTENSIONS)}
+        return {"name": self.server_name, "version": f"{__version__}+fuserve", "extensions": list(EXTENSIONS)}
 
     def model_ready(self, name: str, version: str = "") -> bool:
         try:
@@ -129,8 +132,23 @@ class InferenceService:
         if not self.accepting:
             raise Unavailable("the server is not accepting requests (starting up or shutting down)")
         mv = self.repository.get(request.model_name, request.model_version)
+        start = time.perf_counter_ns()
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            response = await self._infer(mv, request, start)
+        except Exception:
+            mv.stats.record_failure(time.perf_counter_ns() - start)
+            raise
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
+        return response
+
+    async def _infer(self, mv: ModelVersion, request: InferRequest, start: int) -> InferResponse:
         spec = mv.spec
-        if "classification" in {k for o in request.outputs for k in o.parameters}:
+        if any("classification" in o.parameters for o in request.outputs):
             raise Unsupported("the classification extension is not supported by fuserve")
         feeds = _check_inputs(spec, request)
         if request.outputs:
@@ -142,19 +160,30 @@ class InferenceService:
                 names.append(o.name)
         else:
             names = list(spec.output_index)
-        self._in_flight += 1
-        self._idle.clear()
-        try:
-            results = await mv.pool.execute(feeds, names)
-        finally:
-            self._in_flight -= 1
-            if self._in_flight == 0:
-                self._idle.set()
+        prepared = time.perf_counter_ns()
+        results, queue_ns, infer_ns = await mv.pool.execute(feeds, names)
+        collected = time.perf_counter_ns()
         outputs = []
         for name in names:
             arr = results[name]
             outputs.append(Tensor(name, spec.output_index[name].dtype.v2, arr.shape, arr))
+        end = time.perf_counter_ns()
+        rows = request.inputs[0].shape[0] if spec.max_batch_size > 0 else 1
+        input_ns, output_ns = prepared - start, end - collected
+        mv.stats.record_execution(rows, input_ns, infer_ns, output_ns)
+        mv.stats.record_success(rows, end - start, queue_ns, input_ns, infer_ns, output_ns)
         return InferResponse(model_name=spec.name, model_version=str(mv.version), outputs=outputs, id=request.id)
+
+    def statistics(self, name: str = "", version: str = "") -> dict:
+        """The statistics extension: every ready version, one model, or one version of it."""
+        if not name:
+            versions = self.repository.ready_models()
+        elif version:
+            versions = [self.repository.get(name, version)]
+        else:
+            self.repository.get(name)  # NotFound for an unknown model
+            versions = [mv for mv in self.repository.ready_models() if mv.name == name]
+        return {"model_stats": [mv.stats.as_dict() for mv in sorted(versions, key=lambda m: (m.name, m.version))]}
 
     async def drain(self) -> None:
         """Stop accepting requests and wait for those in flight."""

@@ -66,6 +66,8 @@ class RestFrontend:
                 return _OK_EMPTY if self.service.live else _NOT_READY
             if rest[1] == "ready":
                 return _OK_EMPTY if self.service.server_ready() else _NOT_READY
+        if rest[0] == "models" and n == 2 and rest[1] == "stats" and method == "GET":
+            return _json(self.service.statistics())
         if rest[0] == "models" and n >= 2:
             name, version, tail = rest[1], "", rest[2:]
             if len(tail) >= 2 and tail[0] == "versions":
@@ -117,12 +119,16 @@ class RestFrontend:
     async def _config(self, request: HttpRequest, name: str, version: str) -> HttpResponse:
         return _json(config_to_json(self.service.model_config(name, version)))
 
+    async def _stats(self, request: HttpRequest, name: str, version: str) -> HttpResponse:
+        return _json(self.service.statistics(name, version))
+
     _ModelRoute = Callable[["RestFrontend", HttpRequest, str, str], Awaitable[HttpResponse]]
     _model_routes: dict[tuple[str, str], _ModelRoute] = {
         ("POST", "infer"): _infer,
         ("GET", ""): _metadata,
         ("GET", "ready"): _ready,
         ("GET", "config"): _config,
+        ("GET", "stats"): _stats,
     }
 
     # ---- repository extension -------------------------------------------------------------------

@@ -36,7 +36,7 @@ def test_health_and_metadata(client):
     assert client.is_server_live() and client.is_server_ready()
     assert client.is_model_ready("add_sub") and not client.is_model_ready("nope")
     md = client.get_server_metadata(as_json=True)
-    assert md["name"] == "fuserve" and "binary_tensor_data" in md["extensions"]
+    assert md["name"] == "triton" and md["version"].endswith("+fuserve") and "binary_tensor_data" in md["extensions"]
     mm = client.get_model_metadata("add_sub", as_json=True)
     assert mm["versions"] == ["1"] and mm["inputs"][0] == {"name": "INPUT0", "datatype": "INT32", "shape": ["-1", "16"]}
     cfg = client.get_model_config("add_sub").config
@@ -185,3 +185,12 @@ def test_repository_index_over_grpc(client):
     assert by_name["add_sub"]["state"] == "READY"
     assert by_name["broken_onnx"]["state"] == "UNAVAILABLE"
     assert "model.onnx" in by_name["broken_onnx"]["reason"]
+
+
+def test_statistics_over_grpc(client):
+    _, _, inputs = add_sub_inputs()
+    before = client.get_inference_statistics("add_sub").model_stats[0].execution_count
+    client.infer("add_sub", inputs)
+    stats = client.get_inference_statistics("add_sub", as_json=True)["model_stats"][0]
+    assert int(stats["execution_count"]) == before + 1
+    assert int(stats["inference_stats"]["success"]["count"]) >= 1

@@ -51,7 +51,7 @@ def test_health_and_server_metadata(client):
     assert client.is_server_live()
     assert client.is_server_ready()
     md = client.get_server_metadata()
-    assert md["name"] == "fuserve"
+    assert md["name"] == "triton" and md["version"].endswith("+fuserve")
     assert {"binary_tensor_data", "model_repository"} <= set(md["extensions"])
 
 
@@ -285,3 +285,26 @@ def test_raw_struct_binary_bytes_input(server):
                                      {"Inference-Header-Content-Length": str(len(header))})
     assert status == 200, body
     assert json.loads(body)["outputs"][0]["data"][:3] == ["8", "9", "1"]
+
+
+def test_statistics_extension(client, server):
+    a, b, i0, i1 = add_sub_inputs(rows=2)
+    i0.set_data_from_numpy(a)
+    i1.set_data_from_numpy(b)
+    before = client.get_inference_statistics("add_sub")["model_stats"][0]
+    for _ in range(3):
+        client.infer("add_sub", [i0, i1])
+    after = client.get_inference_statistics("add_sub", "1")["model_stats"][0]
+    assert after["name"] == "add_sub" and after["version"] == "1"
+    assert after["inference_count"] - before["inference_count"] == 6  # rows, not requests
+    assert after["execution_count"] - before["execution_count"] == 3
+    s = after["inference_stats"]
+    assert s["success"]["count"] - before["inference_stats"]["success"]["count"] == 3
+    assert s["compute_infer"]["ns"] > before["inference_stats"]["compute_infer"]["ns"]
+    assert s["cache_hit"] == {"count": 0, "ns": 0}
+    assert any(b["batch_size"] == 2 for b in after["batch_stats"])
+    every = client.get_inference_statistics()["model_stats"]
+    assert {"add_sub", "versioned"} <= {m["name"] for m in every}
+    assert len([m for m in every if m["name"] == "versioned"]) == 3
+    status, _, body = server.request("GET", "/v2/models/nope/stats")
+    assert status == 404 and b"nope" in body
