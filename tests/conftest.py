@@ -11,9 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 import model_builders as mb
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,13 +6,12 @@ import json
 import shutil
 import time
 
+import model_builders as mb
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
-
-import model_builders as mb
 
 
 def add_one(client, model: str, version: str = "") -> np.ndarray:

@@ -8,9 +8,8 @@ import signal
 import threading
 import time
 
-import pytest
-
 import model_builders as mb
+import pytest
 
 WIDTH = 1024
 
