@@ -35,7 +35,7 @@ class FuserveProcess:
             cmd += ["--model-repository", str(r)]
         log_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = log_dir / f"fuserve-{self.http_port}.log"
-        self._log = open(self.log_path, "wb")
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 (open for the process lifetime)
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
