@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from email.utils import formatdate
 from http import HTTPStatus
 from typing import cast
-from urllib.parse import unquote
 
 import httptools
 
@@ -28,7 +27,7 @@ log = logging.getLogger(__name__)
 @dataclass(slots=True)
 class HttpRequest:
     method: str
-    path: str
+    path: str  # percent-encoded, as received
     headers: dict[str, str]  # lower-case names
     body: bytes
     # Set when the request could not be read whole (too large, bad encoding): answer it as 400.
@@ -160,7 +159,7 @@ class HttpProtocol(asyncio.Protocol):
             except (ValueError, zlib.error) as exc:
                 error = f"cannot decode the request body: {exc}"
         url = httptools.parse_url(self._url)
-        path = unquote(url.path.decode("latin-1"))
+        path = url.path.decode("latin-1")  # still percent-encoded: the router splits, then unquotes
         request = HttpRequest(self.parser.get_method().decode("latin-1"), path, self._headers, body, error)
         self._enqueue(request, self.parser.should_keep_alive() and not error)
 

@@ -7,6 +7,7 @@ here, in `_error_response`, and nowhere else.
 from __future__ import annotations
 
 import logging
+from urllib.parse import unquote
 from collections.abc import Awaitable, Callable
 
 import orjson
@@ -54,6 +55,8 @@ class RestFrontend:
 
     async def _route(self, request: HttpRequest) -> HttpResponse:
         parts = request.path.strip("/").split("/")
+        if "%" in request.path:
+            parts = [unquote(p) for p in parts]
         method = request.method
         if not parts or parts[0] != "v2":
             raise NotFound(f"no such endpoint: {method} {request.path}")

@@ -187,7 +187,7 @@ def test_versions_all_policy_and_default_latest(client):
     inp.set_data_from_numpy(x)
     with pytest.raises(InferenceServerException) as e:
         client.infer("latest_only", [inp], model_version="1")
-    assert e.value.status() == "404" or "version" in e.value.message()
+    assert e.value.status() == "404" and "version 1" in e.value.message()
 
 
 def test_non_batching_model(client):
