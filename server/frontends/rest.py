@@ -7,8 +7,8 @@ here, in `_error_response`, and nowhere else.
 from __future__ import annotations
 
 import logging
-from urllib.parse import unquote
 from collections.abc import Awaitable, Callable
+from urllib.parse import unquote
 
 import orjson
 
