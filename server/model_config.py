@@ -65,6 +65,28 @@ class InstanceSpec:
 
 
 @dataclass(frozen=True)
+class QueuePolicy:
+    """Triton's ModelQueuePolicy for one priority level."""
+
+    delay_on_timeout: bool = False  # timeout_action DELAY (else REJECT)
+    default_timeout_us: int = 0  # 0: requests never time out in the queue
+    allow_timeout_override: bool = False
+    max_queue_size: int = 0  # 0: unbounded
+
+
+@dataclass(frozen=True)
+class BatchingSpec:
+    """Triton's dynamic_batching block, resolved. Priority levels count from 1 (the highest)."""
+
+    preferred_batch_sizes: tuple[int, ...] = ()  # ascending
+    max_queue_delay_us: int = 0
+    preserve_ordering: bool = False
+    priority_levels: int = 1
+    default_priority_level: int = 1
+    policies: tuple[QueuePolicy, ...] = (QueuePolicy(),)  # index level - 1
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """Everything about one model that the request path reads, resolved when the model loads."""
 
@@ -79,6 +101,8 @@ class ModelSpec:
     instances: tuple[InstanceSpec, ...]
     parameters: Mapping[str, str]
     config: ModelConfig  # the completed config, as served by the config endpoints
+    # None: each request executes on its own (no dynamic_batching block, or max_batch_size 0).
+    dynamic_batching: BatchingSpec | None = None
 
     @property
     def batching(self) -> bool:
@@ -231,6 +255,36 @@ def instance_specs(config: ModelConfig, gpu_count: int) -> tuple[InstanceSpec, .
     return tuple(out)
 
 
+def _queue_policy(p: mc.ModelQueuePolicy) -> QueuePolicy:
+    return QueuePolicy(delay_on_timeout=p.timeout_action == mc.ModelQueuePolicy.DELAY,
+                       default_timeout_us=p.default_timeout_microseconds,
+                       allow_timeout_override=p.allow_timeout_override, max_queue_size=p.max_queue_size)
+
+
+def batching_spec(config: ModelConfig, where: str) -> BatchingSpec | None:
+    if not config.HasField("dynamic_batching") or config.max_batch_size <= 0:
+        return None
+    db = config.dynamic_batching
+    preferred = tuple(sorted(set(db.preferred_batch_size)))
+    bad = [p for p in preferred if p < 1 or p > config.max_batch_size]
+    if bad:
+        raise ModelLoadError(f"{where}: preferred_batch_size {bad} must be between 1 and max_batch_size "
+                             f"({config.max_batch_size})")
+    levels = max(1, db.priority_levels)
+    default_level = db.default_priority_level if db.priority_levels > 0 else 1
+    if not 1 <= default_level <= levels:
+        raise ModelLoadError(f"{where}: default_priority_level {db.default_priority_level} must be between 1 and "
+                             f"priority_levels ({db.priority_levels})")
+    unknown = [lvl for lvl in db.priority_queue_policy if not 1 <= lvl <= levels]
+    if unknown:
+        raise ModelLoadError(f"{where}: priority_queue_policy for levels {sorted(unknown)} outside 1..{levels}")
+    default = _queue_policy(db.default_queue_policy)
+    policies = tuple(_queue_policy(db.priority_queue_policy[lvl]) if lvl in db.priority_queue_policy else default
+                     for lvl in range(1, levels + 1))
+    return BatchingSpec(preferred, db.max_queue_delay_microseconds, db.preserve_ordering, levels, default_level,
+                        policies)
+
+
 def build_spec(config: ModelConfig, backend: str, instances: tuple[InstanceSpec, ...], where: str) -> ModelSpec:
     if config.max_batch_size < 0:
         raise ModelLoadError(f"{where}: max_batch_size must be >= 0, got {config.max_batch_size}")
@@ -251,6 +305,7 @@ def build_spec(config: ModelConfig, backend: str, instances: tuple[InstanceSpec,
         instances=instances,
         parameters=MappingProxyType(params),
         config=config,
+        dynamic_batching=batching_spec(config, where),
     )
 
 

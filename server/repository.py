@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .backends.registry import get_backend
+from .batcher import Batcher
 from .errors import InvalidArgument, ModelLoadError, NotFound
+from .instances import InstancePool
 from .model_config import (
     ModelConfig,
     ModelSpec,
@@ -27,7 +29,6 @@ from .model_config import (
     parse_config_json,
     read_config,
 )
-from .scheduler import InstancePool
 from .stats import ModelStats
 
 log = logging.getLogger(__name__)
@@ -46,9 +47,16 @@ class ModelVersion:
     pool: InstancePool
     load_seconds: float
     stats: ModelStats = field(init=False)
+    batcher: Batcher = field(init=False)
 
     def __post_init__(self) -> None:
         self.stats = ModelStats(self.spec.name, str(self.version))
+        self.batcher = Batcher(self.spec, self.pool, self.stats)
+
+    async def close(self) -> None:
+        """Finish what is queued and executing, then release the instances."""
+        await self.batcher.drain()
+        await self.pool.close()
 
     @property
     def name(self) -> str:
@@ -261,7 +269,7 @@ class Repository:
                 log.info("loaded model '%s' version %d on %s in %.2fs", name, v,
                          ", ".join(sorted(set(mv.pool.devices))), mv.load_seconds)
         for mv in old.values():
-            await mv.pool.close()
+            await mv.close()
 
     async def unload(self, name: str) -> None:
         if not _valid_name(name):
@@ -276,7 +284,7 @@ class Repository:
             entry.versions, entry.latest = {}, None
             entry.state, entry.reason = UNAVAILABLE, "unloaded"
         for mv in old.values():
-            await mv.pool.close()
+            await mv.close()
         log.info("unloaded model '%s'", name)
 
     async def load_many(self, names: list[str]) -> dict[str, str]:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import __version__
+from .batcher import Work
 from .errors import InvalidArgument, Unavailable, Unsupported
 from .model_config import ModelConfig, ModelSpec
 from .repository import ModelVersion, Repository
@@ -80,6 +81,13 @@ def _check_inputs(spec: ModelSpec, request: InferRequest) -> dict[str, np.ndarra
         raise InvalidArgument(f"model '{spec.name}' expects input(s) {', '.join(missing)}, "
                               f"which the request does not have")
     return feeds
+
+
+def _int_parameter(request: InferRequest, key: str) -> int:
+    value = request.parameters.get(key, 0)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidArgument(f"request parameter '{key}' must be a non-negative integer, got {value!r}")
+    return value
 
 
 class InferenceService:
@@ -160,18 +168,19 @@ class InferenceService:
                 names.append(o.name)
         else:
             names = list(spec.output_index)
+        rows = request.inputs[0].shape[0] if spec.max_batch_size > 0 else 1
+        work = Work(feeds, tuple(names), rows, _int_parameter(request, "priority"), _int_parameter(request, "timeout"))
         prepared = time.perf_counter_ns()
-        results, queue_ns, infer_ns = await mv.pool.execute(feeds, names)
+        outcome = await mv.batcher.submit(work)
         collected = time.perf_counter_ns()
         outputs = []
         for name in names:
-            arr = results[name]
+            arr = outcome.outputs[name]
             outputs.append(Tensor(name, spec.output_index[name].dtype.v2, arr.shape, arr))
         end = time.perf_counter_ns()
-        rows = request.inputs[0].shape[0] if spec.max_batch_size > 0 else 1
-        input_ns, output_ns = prepared - start, end - collected
-        mv.stats.record_execution(rows, input_ns, infer_ns, output_ns)
-        mv.stats.record_success(rows, end - start, queue_ns, input_ns, infer_ns, output_ns)
+        # Triton's split: compute_input covers our checks and the batch's concatenation, and so on.
+        mv.stats.record_success(rows, end - start, outcome.queue_ns, prepared - start + outcome.input_ns,
+                                outcome.infer_ns, outcome.output_ns + end - collected)
         return InferResponse(model_name=spec.name, model_version=str(mv.version), outputs=outputs, id=request.id)
 
     def statistics(self, name: str = "", version: str = "") -> dict:

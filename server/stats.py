@@ -42,6 +42,7 @@ class ModelStats:
     last_inference_ms: int = 0
     inference_count: int = 0  # rows (batch entries) inferred
     execution_count: int = 0  # model executions
+    cancelled: int = 0  # requests dropped from the queue because their caller went away
     success: Duration = field(default_factory=Duration)
     fail: Duration = field(default_factory=Duration)
     queue: Duration = field(default_factory=Duration)

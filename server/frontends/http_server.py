@@ -85,6 +85,7 @@ class HttpProtocol(asyncio.Protocol):
         self.queue: deque[tuple[HttpRequest, bool]] = deque()
         self.busy = False
         self.closing = False
+        self._task: asyncio.Task | None = None
         self._reset()
 
     def _reset(self) -> None:
@@ -104,6 +105,8 @@ class HttpProtocol(asyncio.Protocol):
         self.server.connections.discard(self)
         self.transport = None
         self.queue.clear()
+        if self._task is not None and not self._task.done():
+            self._task.cancel()  # the client went away: a queued request is dropped, not executed
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -169,7 +172,7 @@ class HttpProtocol(asyncio.Protocol):
             self.transport.pause_reading()
         if not self.busy:
             self.busy = True
-            asyncio.get_running_loop().create_task(self._serve_queue())
+            self._task = asyncio.get_running_loop().create_task(self._serve_queue())
 
     # ---- responding ---------------------------------------------------------------------------
 

@@ -1,0 +1,322 @@
+"""The per-model-version scheduler: queue -> batch -> instance -> split, with Triton's semantics.
+
+    submit(work) ──> priority queues ──(an instance is free)──> form a batch ──> worker thread:
+                     (max_queue_size,                            (same non-batch     concatenate,
+                      timeouts REJECT/DELAY)                      dims, <= max rows,  execute, split
+                                                                  preferred sizes,
+                                                                  max_queue_delay)
+    the request's future <── its rows of the outputs <────────────────────────────────┘
+
+Without `dynamic_batching` every batch is one request (Triton's default scheduler). The scheduler
+is event-driven: it runs when a request arrives, when an execution finishes, and at the one timer
+it keeps for the earliest queue-delay or timeout expiry; there is no polling loop. Everything here
+runs on the event loop thread except `_execute_batch`, which runs on the instance's worker thread.
+
+A request whose caller goes away (HTTP disconnect, gRPC cancel) while queued is dropped before
+execution. A failed execution fails only the requests of that batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .backends.base import Instance
+from .errors import ServerError, Unavailable
+from .instances import InstancePool
+from .model_config import ModelSpec, QueuePolicy
+from .stats import ModelStats
+
+
+@dataclass(slots=True, eq=False)
+class Work:
+    """One request as the model sees it: validated inputs, the outputs it wants, its row count."""
+
+    feeds: dict[str, np.ndarray]
+    outputs: tuple[str, ...]
+    rows: int
+    priority: int = 0  # 0: the model's default priority level; 1 is the highest
+    timeout_us: int = 0  # 0: the queue policy's default
+
+
+@dataclass(slots=True)
+class Outcome:
+    outputs: dict[str, np.ndarray]
+    queue_ns: int
+    input_ns: int
+    infer_ns: int
+    output_ns: int
+
+
+@dataclass(slots=True, eq=False)
+class _Pending:
+    work: Work
+    future: asyncio.Future[Outcome]
+    key: tuple  # requests batch together only when their keys are equal
+    arrival: int
+    deadline: int  # perf_counter_ns; 0: none
+    level: int  # queue index: priority level - 1
+    delay_on_timeout: bool
+    taken: bool = False
+
+
+@dataclass(slots=True)
+class _Done:
+    batch: list[_Pending]
+    parts: list[dict[str, np.ndarray]] | None
+    error: ServerError | None
+    started: int
+    timings: tuple[int, int, int] = (0, 0, 0)
+    rows: int = 0
+
+
+def _execute_batch(instance: Instance, feeds_list: list[dict[str, np.ndarray]], outputs: Sequence[str],
+                   rows: list[int]) -> tuple[list[dict[str, np.ndarray]], tuple[int, int, int]]:
+    """On the worker thread: concatenate the requests' rows, execute once, split the outputs."""
+    t0 = time.perf_counter_ns()
+    if len(feeds_list) == 1:
+        feeds = feeds_list[0]
+    else:
+        feeds = {name: np.concatenate([f[name] for f in feeds_list]) for name in feeds_list[0]}  # [sum(rows), ...]
+    t1 = time.perf_counter_ns()
+    results = instance.execute(feeds, outputs)
+    t2 = time.perf_counter_ns()
+    if len(feeds_list) == 1:
+        parts = [results]
+    else:
+        total = sum(rows)
+        for name, arr in results.items():
+            if arr.ndim == 0 or arr.shape[0] != total:
+                raise ServerError(f"output '{name}' has shape {list(arr.shape)}: its first dim should be the "
+                                  f"batch size {total}")
+        parts, start = [], 0
+        for n in rows:
+            parts.append({name: arr[start:start + n] for name, arr in results.items()})  # views, no copy
+            start += n
+    return parts, (t1 - t0, t2 - t1, time.perf_counter_ns() - t2)
+
+
+class Batcher:
+    def __init__(self, spec: ModelSpec, pool: InstancePool, stats: ModelStats) -> None:
+        b = spec.dynamic_batching
+        self.name = spec.name
+        self.pool = pool
+        self.stats = stats
+        self.max_rows = spec.max_batch_size if b is not None else 0  # 0: one request per batch
+        self.preferred = b.preferred_batch_sizes if b is not None else ()
+        self.delay_ns = b.max_queue_delay_us * 1000 if b is not None else 0
+        self.preserve_ordering = b.preserve_ordering if b is not None else False
+        self.policies: tuple[QueuePolicy, ...] = b.policies if b is not None else (QueuePolicy(),)
+        self.default_level = b.default_priority_level - 1 if b is not None else 0
+        self._timeouts = any(p.default_timeout_us or p.allow_timeout_override for p in self.policies)
+        self._queues: list[deque[_Pending]] = [deque() for _ in self.policies]
+        self._delayed: deque[_Pending] = deque()  # timed out under DELAY: served after everything else
+        self._counts = [0] * len(self.policies)  # queued requests per level (the deques hold stale entries)
+        self._timer: asyncio.TimerHandle | None = None
+        self._executing = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        # preserve_ordering: batches are answered in dispatch order
+        self._next_seq = 0
+        self._answer_seq = 0
+        self._finished: dict[int, _Done] = {}
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting (not yet executing)."""
+        return sum(1 for _ in self._live())
+
+    # ---- admission ------------------------------------------------------------------------------
+
+    async def submit(self, work: Work) -> Outcome:
+        level = self.default_level if work.priority <= 0 else min(work.priority, len(self._queues)) - 1
+        policy = self.policies[level]
+        if policy.max_queue_size and self._counts[level] >= policy.max_queue_size:
+            raise Unavailable(f"inference request for model '{self.name}' rejected: the queue is full "
+                              f"(max_queue_size {policy.max_queue_size})")
+        timeout_us = policy.default_timeout_us
+        if work.timeout_us > 0 and policy.allow_timeout_override and (timeout_us == 0 or work.timeout_us < timeout_us):
+            timeout_us = work.timeout_us  # a client may only shorten the timeout
+        now = time.perf_counter_ns()
+        key = tuple((n, a.shape[1:], a.dtype) for n, a in work.feeds.items()) if self.max_rows else ()
+        loop = asyncio.get_running_loop()
+        pending = _Pending(work, loop.create_future(), key, now, now + timeout_us * 1000 if timeout_us else 0,
+                           level, policy.delay_on_timeout)
+        self._queues[level].append(pending)
+        self._counts[level] += 1
+        self._idle.clear()
+        self._schedule()
+        try:
+            return await pending.future
+        except asyncio.CancelledError:
+            if not pending.taken:  # dropped before execution
+                pending.taken = True
+                if pending.level >= 0:
+                    self._counts[pending.level] -= 1
+                self.stats.cancelled += 1
+                self._check_idle()
+            raise
+
+    # ---- scheduling ---------------------------------------------------------------------------
+
+    def _live(self) -> Iterator[_Pending]:
+        """Queued requests in priority order, then the delayed ones (level -1).
+
+        Deques keep stale entries (dispatched, cancelled, moved to the delayed queue) until they
+        reach the head; `level` tells whether an entry still belongs to the deque it sits in.
+        """
+        for level, q in enumerate((*self._queues, self._delayed)):
+            level = -1 if level == len(self._queues) else level
+            while q and (q[0].taken or q[0].future.done() or q[0].level != level):
+                q.popleft()
+            for p in q:
+                if not p.taken and not p.future.done() and p.level == level:
+                    yield p
+
+    def _expire(self, now: int) -> int:
+        """Handle requests past their queue timeout; return the next deadline (0: none)."""
+        next_deadline = 0
+        for p in list(self._live()):
+            if not p.deadline or p.level < 0:
+                continue
+            if p.deadline > now:
+                next_deadline = p.deadline if not next_deadline else min(next_deadline, p.deadline)
+                continue
+            self._counts[p.level] -= 1
+            if p.delay_on_timeout:  # DELAY: behind every request that has not timed out
+                p.level, p.deadline = -1, 0
+                self._delayed.append(p)
+            else:
+                p.taken = True
+                waited = (now - p.arrival) // 1000
+                p.future.set_exception(Unavailable(
+                    f"inference request for model '{self.name}' timed out in the queue after {waited} us"))
+        return next_deadline
+
+    def _form(self, now: int) -> tuple[list[_Pending] | None, int]:
+        """The batch to dispatch now, or (None, when to look again)."""
+        first = next(self._live(), None)
+        if first is None:
+            return None, 0
+        if not self.max_rows:
+            return [first], 0
+        batch: list[_Pending] = []
+        rows, full = 0, False
+        for p in self._live():
+            if p.key != first.key:
+                continue
+            if rows + p.work.rows > self.max_rows:
+                full = True
+                break
+            batch.append(p)
+            rows += p.work.rows
+            if rows == self.max_rows:
+                full = True
+                break
+        if self.preferred and rows >= self.preferred[-1]:
+            return self._cut_to_preferred(batch), 0
+        if full or self.delay_ns == 0 or now >= first.arrival + self.delay_ns:
+            return batch, 0
+        return None, first.arrival + self.delay_ns
+
+    def _cut_to_preferred(self, batch: list[_Pending]) -> list[_Pending]:
+        """The longest prefix whose rows make a preferred size (else the largest up to the biggest one)."""
+        best, rows, fallback = 0, 0, 1
+        for i, p in enumerate(batch, 1):
+            rows += p.work.rows
+            if rows in self.preferred:
+                best = i
+            if rows <= self.preferred[-1]:
+                fallback = i
+        return batch[:best or fallback]
+
+    def _schedule(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        wake_at = 0
+        while True:
+            now = time.perf_counter_ns()
+            if self._timeouts:
+                wake_at = self._expire(now)
+            instance = self.pool.try_acquire()
+            if instance is None:
+                break
+            batch, when = self._form(now)
+            if batch is None:
+                self.pool.release(instance)
+                if when:
+                    wake_at = min(wake_at, when) if wake_at else when
+                break
+            self._dispatch(batch, instance)
+        if wake_at:
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_at(loop.time() + max(0, wake_at - time.perf_counter_ns()) / 1e9, self._schedule)
+        self._check_idle()
+
+    def _dispatch(self, batch: list[_Pending], instance: Instance) -> None:
+        outputs: dict[str, None] = {}
+        for p in batch:
+            p.taken = True
+            if p.level >= 0:
+                self._counts[p.level] -= 1
+            outputs.update(dict.fromkeys(p.work.outputs))
+        self._executing += 1
+        seq = self._next_seq
+        self._next_seq += 1
+        started = time.perf_counter_ns()
+        rows = [p.work.rows for p in batch]
+        fut = self.pool.run(_execute_batch, instance, [p.work.feeds for p in batch], list(outputs), rows)
+        fut.add_done_callback(functools.partial(self._on_executed, batch, instance, seq, started, sum(rows)))
+
+    # ---- completion -----------------------------------------------------------------------------
+
+    def _on_executed(self, batch: list[_Pending], instance: Instance, seq: int, started: int, rows: int,
+                     fut: asyncio.Future) -> None:
+        self.pool.release(instance)
+        self._executing -= 1
+        try:
+            parts, timings = fut.result()
+            done = _Done(batch, parts, None, started, timings, rows)
+        except ServerError as exc:
+            done = _Done(batch, None, exc, started, rows=rows)
+        except Exception as exc:
+            done = _Done(batch, None, ServerError(f"model '{self.name}' failed to execute: {exc}"), started,
+                         rows=rows)
+        if self.preserve_ordering:
+            self._finished[seq] = done
+            while self._answer_seq in self._finished:
+                self._answer(self._finished.pop(self._answer_seq))
+                self._answer_seq += 1
+        else:
+            self._answer(done)
+        self._schedule()
+
+    def _answer(self, done: _Done) -> None:
+        if done.error is not None or done.parts is None:
+            for p in done.batch:
+                if not p.future.done():
+                    p.future.set_exception(done.error or ServerError("execution produced no outputs"))
+            return
+        input_ns, infer_ns, output_ns = done.timings
+        self.stats.record_execution(done.rows, input_ns, infer_ns, output_ns)
+        for p, part in zip(done.batch, done.parts, strict=True):
+            if not p.future.done():
+                outputs = {name: part[name] for name in p.work.outputs}
+                p.future.set_result(Outcome(outputs, done.started - p.arrival, input_ns, infer_ns, output_ns))
+
+    def _check_idle(self) -> None:
+        if self._executing == 0 and not self._finished and next(self._live(), None) is None:
+            self._idle.set()
+
+    async def drain(self) -> None:
+        """Wait until nothing is queued or executing (used before an unloaded model is closed)."""
+        await self._idle.wait()
+        if self._timer is not None:
+            self._timer.cancel()
