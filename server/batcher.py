@@ -119,7 +119,8 @@ class Batcher:
         self._delayed: deque[_Pending] = deque()  # timed out under DELAY: served after everything else
         self._counts = [0] * len(self.policies)  # queued requests per level (the deques hold stale entries)
         self._timer: asyncio.TimerHandle | None = None
-        self._executing = 0
+        self._executing = 0  # batches
+        self.executing_requests = 0
         self._idle = asyncio.Event()
         self._idle.set()
         # preserve_ordering: batches are answered in dispatch order
@@ -268,6 +269,7 @@ class Batcher:
                 self._counts[p.level] -= 1
             outputs.update(dict.fromkeys(p.work.outputs))
         self._executing += 1
+        self.executing_requests += len(batch)
         seq = self._next_seq
         self._next_seq += 1
         started = time.perf_counter_ns()
@@ -281,6 +283,7 @@ class Batcher:
                      fut: asyncio.Future) -> None:
         self.pool.release(instance)
         self._executing -= 1
+        self.executing_requests -= len(batch)
         try:
             parts, timings = fut.result()
             done = _Done(batch, parts, None, started, timings, rows)

@@ -192,7 +192,9 @@ class InferenceService:
         else:
             self.repository.get(name)  # NotFound for an unknown model
             versions = [mv for mv in self.repository.ready_models() if mv.name == name]
-        return {"model_stats": [mv.stats.as_dict() for mv in sorted(versions, key=lambda m: (m.name, m.version))]}
+        ordered = sorted(versions, key=lambda m: (m.name, m.version))
+        return {"model_stats": [mv.stats.as_dict_with_queue(mv.batcher.queued, mv.batcher.executing_requests)
+                                for mv in ordered]}
 
     async def drain(self) -> None:
         """Stop accepting requests and wait for those in flight."""

@@ -102,3 +102,12 @@ class ModelStats:
             ],
             "memory_usage": [],
         }
+
+    def as_dict_with_queue(self, pending: int, executing: int) -> dict:
+        """`as_dict` plus fuserve's own fields (HTTP only): requests queued and executing now, and
+        requests cancelled while queued so far."""
+        d = self.as_dict()
+        d["fuserve_pending"] = pending
+        d["fuserve_executing"] = executing
+        d["fuserve_cancelled"] = self.cancelled
+        return d

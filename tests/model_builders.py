@@ -86,3 +86,31 @@ def generated(repo: Path, name: str, as_name: str | None = None) -> None:
 def write_config(model_dir: Path, text: str) -> None:
     model_dir.mkdir(parents=True, exist_ok=True)
     (model_dir / "config.pbtxt").write_text(text)
+
+
+def echo_slow(path: Path, matmuls: int = 100, width: int = 1024) -> Path:
+    """FP32 INPUT [batch, -1] and WORK [batch, width] -> OUTPUT == INPUT, after `matmuls` MatMuls on WORK.
+
+    OUTPUT = INPUT + 0 * sum(chain(WORK)): every reply is exactly its own input (so mixed-up rows
+    show), and each execution takes a while (so requests queue up and batch).
+    """
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32)
+    x = helper.make_tensor_value_info("INPUT", TensorProto.FLOAT, ["batch", "n"])
+    work = helper.make_tensor_value_info("WORK", TensorProto.FLOAT, ["batch", width])
+    y = helper.make_tensor_value_info("OUTPUT", TensorProto.FLOAT, ["batch", "n"])
+    nodes, prev = [], "WORK"
+    for i in range(matmuls):
+        nodes.append(helper.make_node("MatMul", [prev, "W"], [f"h{i}"]))
+        prev = f"h{i}"
+    nodes += [
+        helper.make_node("ReduceSum", [prev, "axes"], ["s"], keepdims=1),  # [batch, 1]
+        helper.make_node("Mul", ["s", "zero"], ["z"]),
+        helper.make_node("Add", ["INPUT", "z"], ["OUTPUT"]),  # broadcast [batch, n] + [batch, 1]
+    ]
+    inits = [numpy_helper.from_array(w, "W"), numpy_helper.from_array(np.array([1], dtype=np.int64), "axes"),
+             numpy_helper.from_array(np.array(0.0, dtype=np.float32), "zero")]
+    return save(_model(nodes, "echo_slow", [x, work], [y], inits), path)
+
+
+ECHO_WIDTH = 1024

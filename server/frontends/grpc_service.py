@@ -118,7 +118,7 @@ class GrpcFrontend(pb_grpc.GRPCInferenceServiceServicer):
     @_unary
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Any) -> pb.ModelStatisticsResponse:
         stats = self.service.statistics(request.name, request.version)
-        return json_format.ParseDict(stats, pb.ModelStatisticsResponse())
+        return json_format.ParseDict(stats, pb.ModelStatisticsResponse(), ignore_unknown_fields=True)
 
     @_unary
     async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: Any) -> pb.RepositoryIndexResponse:
