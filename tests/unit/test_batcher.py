@@ -1,0 +1,231 @@
+"""The batcher on a small real backend written in Python that records every batch it runs."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+from google.protobuf import text_format
+
+from server.batcher import Batcher, Work
+from server.errors import ServerError, Unavailable
+from server.instances import InstancePool
+from server.model_config import ModelConfig, ModelIO, build_spec, instance_specs
+from server.stats import ModelStats
+
+
+class RecordingInstance:
+    """Doubles its input; records batch sizes; can be held busy until released; fails on -1."""
+
+    def __init__(self) -> None:
+        self.batches: list[int] = []
+        self.gate = threading.Event()
+        self.gate.set()
+
+    io = ModelIO((), ())
+    device = "CPUExecutionProvider"
+
+    def execute(self, inputs, outputs):
+        self.gate.wait(10)
+        x = inputs["x"]
+        self.batches.append(x.shape[0])
+        if (x == -1).any():
+            raise RuntimeError("poisoned row")
+        return {"y": x * 2}
+
+    def close(self) -> None:
+        pass
+
+
+def make(config: str, instances: int = 1):
+    cfg = text_format.Parse('name: "m"\ninput [{name: "x" data_type: TYPE_FP32 dims: [-1]}]\n'
+                            'output [{name: "y" data_type: TYPE_FP32 dims: [-1]}]\n' + config, ModelConfig())
+    spec = build_spec(cfg, "onnxruntime", instance_specs(cfg, 0), "w")
+    backends = [RecordingInstance() for _ in range(instances)]
+    stats = ModelStats("m", "1")
+    return Batcher(spec, InstancePool("m", backends), stats), backends, stats
+
+
+def work(value: float, rows: int = 1, width: int = 2, **kw) -> Work:
+    return Work({"x": np.full((rows, width), value, dtype=np.float32)}, ("y",), rows, **kw)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_requests_queued_behind_a_busy_instance_form_one_batch():
+    async def main():
+        batcher, (inst,), stats = make("max_batch_size: 8\ndynamic_batching {}")
+        inst.gate.clear()
+        first = asyncio.ensure_future(batcher.submit(work(0)))
+        await asyncio.sleep(0.05)
+        rest = [asyncio.ensure_future(batcher.submit(work(k, rows=1 + k % 2))) for k in range(1, 5)]
+        await asyncio.sleep(0.05)
+        assert batcher.queued == 4
+        inst.gate.set()
+        outs = await asyncio.gather(first, *rest)
+        for k, out in enumerate(outs):
+            assert (out.outputs["y"] == 2 * k).all() and out.outputs["y"].shape[0] == (1 + k % 2 if k else 1)
+        assert inst.batches == [1, 6]  # rows 2+1+2+1 behind the first
+        assert stats.execution_count == 2 and stats.inference_count == 0  # the service records requests
+
+    run(main())
+
+
+def test_max_batch_size_bounds_a_batch_and_keys_separate_shapes():
+    async def main():
+        batcher, (inst,), _ = make("max_batch_size: 4\ndynamic_batching {}")
+        inst.gate.clear()
+        busy = asyncio.ensure_future(batcher.submit(work(0)))
+        await asyncio.sleep(0.05)
+        reqs = [batcher.submit(work(k, width=2)) for k in range(6)] + [batcher.submit(work(9, width=3))]
+        tasks = [asyncio.ensure_future(r) for r in reqs]
+        await asyncio.sleep(0.05)
+        inst.gate.set()
+        outs = await asyncio.gather(busy, *tasks)
+        assert outs[-1].outputs["y"].shape == (1, 3)
+        assert sorted(inst.batches) == [1, 1, 2, 4]  # 4 + 2 of width 2, 1 of width 3
+
+    run(main())
+
+
+def test_queue_delay_and_preferred_size():
+    async def main():
+        batcher, (inst,), _ = make("max_batch_size: 8\ndynamic_batching { preferred_batch_size: [3] "
+                                   "max_queue_delay_microseconds: 100000 }")
+        t0 = time.perf_counter()
+        lone = await batcher.submit(work(1))
+        assert 0.09 <= time.perf_counter() - t0 < 0.5 and lone.queue_ns >= 90_000_000  # waited the delay
+        t0 = time.perf_counter()
+        await asyncio.gather(*(batcher.submit(work(k)) for k in range(3)))
+        assert time.perf_counter() - t0 < 0.09  # the preferred size dispatched without waiting
+        assert inst.batches == [1, 3]
+
+    run(main())
+
+
+def test_full_queue_rejects_immediately():
+    async def main():
+        batcher, (inst,), _ = make("max_batch_size: 1\ndynamic_batching { default_queue_policy "
+                                   "{ max_queue_size: 2 } }")
+        inst.gate.clear()
+        tasks = [asyncio.ensure_future(batcher.submit(work(k))) for k in range(3)]
+        await asyncio.sleep(0.05)
+        with pytest.raises(Unavailable, match="queue is full"):
+            await batcher.submit(work(9))
+        inst.gate.set()
+        assert len(await asyncio.gather(*tasks)) == 3
+
+    run(main())
+
+
+def test_timeout_reject_and_client_override():
+    async def main():
+        batcher, (inst,), _ = make("max_batch_size: 1\ndynamic_batching { default_queue_policy "
+                                   "{ default_timeout_microseconds: 20000 allow_timeout_override: true } }")
+        inst.gate.clear()
+        busy = asyncio.ensure_future(batcher.submit(work(0)))
+        await asyncio.sleep(0.01)
+        t0 = time.perf_counter()
+        with pytest.raises(Unavailable, match="timed out"):
+            await batcher.submit(work(1))
+        assert time.perf_counter() - t0 < 0.2  # rejected at its deadline, not when the instance frees
+        longer = asyncio.ensure_future(batcher.submit(work(2, timeout_us=10_000_000)))  # can't lengthen
+        shorter = asyncio.ensure_future(batcher.submit(work(3, timeout_us=1000)))
+        for fut in (longer, shorter):
+            with pytest.raises(Unavailable):
+                await fut
+        inst.gate.set()
+        await busy
+
+    run(main())
+
+
+def test_priority_levels():
+    async def main():
+        batcher, (inst,), _ = make("max_batch_size: 1\ndynamic_batching { priority_levels: 3 "
+                                   "default_priority_level: 3 }")
+        inst.gate.clear()
+        order = []
+
+        async def one(value, priority):
+            out = await batcher.submit(work(value, priority=priority))
+            order.append(int(out.outputs["y"][0, 0] / 2))
+
+        busy = asyncio.ensure_future(one(0, 0))
+        await asyncio.sleep(0.02)
+        tasks = [asyncio.ensure_future(one(v, p)) for v, p in ((1, 0), (2, 2), (3, 1), (4, 9))]
+        await asyncio.sleep(0.02)
+        inst.gate.set()
+        await asyncio.gather(busy, *tasks)
+        assert order == [0, 3, 2, 1, 4]  # 9 is clamped to the lowest level
+
+    run(main())
+
+
+def test_cancelled_request_is_dropped_before_execution():
+    async def main():
+        batcher, (inst,), stats = make("max_batch_size: 4\ndynamic_batching {}")
+        inst.gate.clear()
+        busy = asyncio.ensure_future(batcher.submit(work(0)))
+        await asyncio.sleep(0.02)
+        doomed = asyncio.ensure_future(batcher.submit(work(5)))
+        kept = asyncio.ensure_future(batcher.submit(work(6)))
+        await asyncio.sleep(0.02)
+        doomed.cancel()
+        await asyncio.sleep(0.01)
+        inst.gate.set()
+        await asyncio.gather(busy, kept)
+        assert inst.batches == [1, 1] and stats.cancelled == 1
+
+    run(main())
+
+
+def test_failure_fails_only_its_batch():
+    async def main():
+        batcher, (inst,), _ = make("max_batch_size: 1\ndynamic_batching {}")
+        with pytest.raises(ServerError, match="failed to execute: poisoned row"):
+            await batcher.submit(work(-1))
+        assert (await batcher.submit(work(4))).outputs["y"][0, 0] == 8
+
+    run(main())
+
+
+def test_preserve_ordering_across_instances():
+    async def main():
+        batcher, (a, b), _ = make("max_batch_size: 1\ndynamic_batching { preserve_ordering: true }", instances=2)
+        a.gate.clear()  # the pool hands out instance a first: its request finishes last
+        done = []
+
+        async def one(v):
+            await batcher.submit(work(v))
+            done.append(v)
+
+        tasks = [asyncio.ensure_future(one(v)) for v in (1, 2)]
+        await asyncio.sleep(0.1)
+        assert b.batches == [1] and done == []  # 2 ran on b but waits for 1
+        a.gate.set()
+        await asyncio.gather(*tasks)
+        assert done == [1, 2]
+
+    run(main())
+
+
+def test_drain_waits_for_queued_and_executing():
+    async def main():
+        batcher, (inst,), _ = make("max_batch_size: 1\ndynamic_batching {}")
+        inst.gate.clear()
+        tasks = [asyncio.ensure_future(batcher.submit(work(k))) for k in range(3)]
+        await asyncio.sleep(0.02)
+        drained = asyncio.ensure_future(batcher.drain())
+        await asyncio.sleep(0.02)
+        assert not drained.done()
+        inst.gate.set()
+        await drained
+        assert all(t.done() for t in tasks)
+
+    run(main())
