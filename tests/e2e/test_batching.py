@@ -284,3 +284,28 @@ def test_sigterm_with_a_full_queue_answers_every_admitted_request(start_server, 
         t.join(120)
     assert [statuses.get() for _ in range(12)] == [200] * 12
     assert p.proc.wait(60) == 0
+
+
+def test_grpc_deadline_cancels_the_queued_request(batching_server):
+    server = batching_server
+    before = stats(server, "bounded")
+    done = threading.Event()
+
+    def blocker() -> None:
+        httpclient.InferenceServerClient(server.http_url).infer("bounded", http_inputs(np.ones((1, 3), np.float32)))
+        done.set()
+
+    t = threading.Thread(target=blocker)
+    t.start()
+    while stats(server, "bounded")["fuserve_executing"] == 0:
+        assert not done.is_set()
+    c = grpcclient.InferenceServerClient(server.grpc_url)
+    with pytest.raises(InferenceServerException) as e:
+        c.infer("bounded", http_inputs(np.ones((1, 3), np.float32), grpcclient), client_timeout=0.02)
+    assert "Deadline" in str(e.value.status()) or "DEADLINE" in str(e.value.status())
+    t.join(60)
+    while stats(server, "bounded")["fuserve_pending"]:
+        pass
+    after = stats(server, "bounded")
+    assert after["fuserve_cancelled"] == before["fuserve_cancelled"] + 1
+    assert after["inference_count"] == before["inference_count"] + 1  # only the blocker ran
