@@ -43,6 +43,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="address gRPC binds to (default 127.0.0.1; use 0.0.0.0 to serve the network)")
     s.add_argument("--allow-http", type=_bool, default=True, metavar="BOOL", help="serve HTTP/REST (default true)")
     s.add_argument("--allow-grpc", type=_bool, default=True, metavar="BOOL", help="serve gRPC (default true)")
+    s.add_argument("--metrics-address", default="127.0.0.1",
+                   help="address the metrics endpoint binds to (default 127.0.0.1)")
+    s.add_argument("--allow-metrics", type=_bool, default=True, metavar="BOOL",
+                   help="serve Prometheus metrics on --metrics-port at /metrics (default true)")
+    s.add_argument("--allow-cpu-metrics", type=_bool, default=True, metavar="BOOL",
+                   help="export host CPU utilization and memory gauges (default true)")
+    s.add_argument("--allow-gpu-metrics", type=_bool, default=True, metavar="BOOL",
+                   help="export GPU gauges through NVML where it is available (default true)")
+    s.add_argument("--metrics-interval-ms", type=int, default=2000, metavar="MS",
+                   help="how often the CPU and GPU gauges are sampled (default 2000)")
     s.add_argument("--model-control-mode", choices=MODEL_CONTROL_MODES, default="none",
                    help="none: load every model at start-up; explicit: load only --load-model names at start, "
                         "the rest through the repository API; poll: also rescan the repository every "
@@ -80,6 +90,11 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         grpc_address=args.grpc_address,
         allow_http=args.allow_http,
         allow_grpc=args.allow_grpc,
+        allow_metrics=args.allow_metrics,
+        allow_cpu_metrics=args.allow_cpu_metrics,
+        allow_gpu_metrics=args.allow_gpu_metrics,
+        metrics_address=args.metrics_address,
+        metrics_interval_ms=args.metrics_interval_ms,
         model_control_mode=args.model_control_mode,
         load_models=tuple(args.load_model),
         repository_poll_secs=args.repository_poll_secs,

@@ -16,7 +16,9 @@ import signal
 from .config import ServerConfig
 from .frontends.grpc_service import start_grpc
 from .frontends.http_server import HttpServer
+from .frontends.metrics_http import MetricsFrontend
 from .frontends.rest import RestFrontend, error_body
+from .metrics import MetricsPoller, ServerMetrics
 from .repository import Repository
 from .service import InferenceService
 
@@ -34,7 +36,8 @@ async def _poll(repository: Repository, interval: float) -> None:
 
 async def serve(config: ServerConfig) -> int:
     repository = Repository(config.model_repositories, default_max_batch_size=config.default_max_batch_size,
-                            auto_complete=not config.disable_auto_complete_config)
+                            auto_complete=not config.disable_auto_complete_config,
+                            histograms=config.allow_metrics)
     service = InferenceService(repository, model_control_mode=config.model_control_mode,
                                server_name=config.server_name)
 
@@ -49,6 +52,8 @@ async def serve(config: ServerConfig) -> int:
         return 1
 
     http: HttpServer | None = None
+    metrics_http: HttpServer | None = None
+    poller_task: asyncio.Task | None = None
     grpc_server = None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -63,31 +68,42 @@ async def serve(config: ServerConfig) -> int:
             grpc_server, port = await start_grpc(service, config.grpc_address, config.grpc_port,
                                                  config.max_input_size)
             log.info("gRPC (KServe V2) listening on %s:%d", config.grpc_address, port)
+        if config.allow_metrics:
+            poller = MetricsPoller(cpu=config.allow_cpu_metrics, gpu=config.allow_gpu_metrics,
+                                   interval_s=config.metrics_interval_ms / 1000)
+            metrics_http = HttpServer(MetricsFrontend(ServerMetrics(repository, poller)).handle,
+                                      max_body=64 * 1024, error_body=error_body)
+            port = await metrics_http.start(config.metrics_address, config.metrics_port)
+            poller_task = asyncio.create_task(poller.run())
+            log.info("metrics (Prometheus) listening on %s:%d/metrics", config.metrics_address, port)
     except OSError as exc:
         log.error("cannot start: %s", exc)
-        if http is not None:
-            await http.stop()
+        for server in (http, metrics_http):
+            if server is not None:
+                await server.stop()
         await repository.close()
         return 1
 
     service.accepting = True
-    poller = None
+    repo_poll_task = None
     if config.model_control_mode == "poll":
-        poller = asyncio.create_task(_poll(repository, config.repository_poll_secs))
+        repo_poll_task = asyncio.create_task(_poll(repository, config.repository_poll_secs))
     log.info("fuserve ready: %d model version(s) loaded", len(repository.ready_models()))
     await stop.wait()
 
     log.info("shutting down: waiting up to %.0fs for requests in flight", config.exit_timeout_secs)
-    if poller is not None:
-        poller.cancel()
+    for task in (repo_poll_task, poller_task):
+        if task is not None:
+            task.cancel()
     try:
         await asyncio.wait_for(service.drain(), config.exit_timeout_secs)
     except asyncio.TimeoutError:
         log.warning("exit timeout reached with requests still in flight")
     if grpc_server is not None:
         await grpc_server.stop(grace=1.0)
-    if http is not None:
-        await http.stop()
+    for server in (http, metrics_http):
+        if server is not None:
+            await server.stop()
     with contextlib.suppress(asyncio.TimeoutError):
         await asyncio.wait_for(repository.close(), 5.0)
     log.info("fuserve stopped")

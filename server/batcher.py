@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .backends.base import Instance
-from .errors import ServerError, Unavailable
+from .errors import BackendError, Rejected, ServerError
 from .instances import InstancePool
 from .model_config import ModelSpec, QueuePolicy
 from .stats import ModelStats
@@ -93,7 +93,7 @@ def _execute_batch(instance: Instance, feeds_list: list[dict[str, np.ndarray]], 
         total = sum(rows)
         for name, arr in results.items():
             if arr.ndim == 0 or arr.shape[0] != total:
-                raise ServerError(f"output '{name}' has shape {list(arr.shape)}: its first dim should be the "
+                raise BackendError(f"output '{name}' has shape {list(arr.shape)}: its first dim should be the "
                                   f"batch size {total}")
         parts, start = [], 0
         for n in rows:
@@ -139,7 +139,7 @@ class Batcher:
         level = self.default_level if work.priority <= 0 else min(work.priority, len(self._queues)) - 1
         policy = self.policies[level]
         if policy.max_queue_size and self._counts[level] >= policy.max_queue_size:
-            raise Unavailable(f"inference request for model '{self.name}' rejected: the queue is full "
+            raise Rejected(f"inference request for model '{self.name}' rejected: the queue is full "
                               f"(max_queue_size {policy.max_queue_size})")
         timeout_us = policy.default_timeout_us
         if work.timeout_us > 0 and policy.allow_timeout_override and (timeout_us == 0 or work.timeout_us < timeout_us):
@@ -196,7 +196,7 @@ class Batcher:
             else:
                 p.taken = True
                 waited = (now - p.arrival) // 1000
-                p.future.set_exception(Unavailable(
+                p.future.set_exception(Rejected(
                     f"inference request for model '{self.name}' timed out in the queue after {waited} us"))
         return next_deadline
 
@@ -287,10 +287,10 @@ class Batcher:
         try:
             parts, timings = fut.result()
             done = _Done(batch, parts, None, started, timings, rows)
-        except ServerError as exc:
+        except ServerError as exc:  # raised knowingly (a bad output shape, text that is not UTF-8)
             done = _Done(batch, None, exc, started, rows=rows)
         except Exception as exc:
-            done = _Done(batch, None, ServerError(f"model '{self.name}' failed to execute: {exc}"), started,
+            done = _Done(batch, None, BackendError(f"model '{self.name}' failed to execute: {exc}"), started,
                          rows=rows)
         if self.preserve_ordering:
             self._finished[seq] = done
@@ -305,7 +305,7 @@ class Batcher:
         if done.error is not None or done.parts is None:
             for p in done.batch:
                 if not p.future.done():
-                    p.future.set_exception(done.error or ServerError("execution produced no outputs"))
+                    p.future.set_exception(done.error or BackendError("execution produced no outputs"))
             return
         input_ns, infer_ns, output_ns = done.timings
         self.stats.record_execution(done.rows, input_ns, infer_ns, output_ns)

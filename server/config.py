@@ -18,6 +18,11 @@ class ServerConfig:
     grpc_address: str = "127.0.0.1"
     allow_http: bool = True
     allow_grpc: bool = True
+    allow_metrics: bool = True
+    allow_cpu_metrics: bool = True
+    allow_gpu_metrics: bool = True
+    metrics_address: str = "127.0.0.1"
+    metrics_interval_ms: int = 2000
     model_control_mode: str = "none"
     load_models: tuple[str, ...] = ()
     repository_poll_secs: float = 15.0

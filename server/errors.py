@@ -3,8 +3,11 @@
     ServerError                 500 / INTERNAL          a bug or a backend failure
     ├── InvalidArgument         400 / INVALID_ARGUMENT  the client's request is wrong
     ├── NotFound                404 / NOT_FOUND         unknown model or version
-    ├── Unavailable             503 / UNAVAILABLE       not ready, shutting down, queue full
-    └── Unsupported             501 / UNIMPLEMENTED     a protocol feature fuserve lacks
+    ├── Unavailable             503 / UNAVAILABLE       not ready, shutting down
+    │   └── Rejected                                    queue full, or timed out in the queue
+    ├── Unsupported             501 / UNIMPLEMENTED     a protocol feature fuserve lacks
+    ├── BackendError            500 / INTERNAL          the model's execution failed
+    └── ModelLoadError          400 / INVALID_ARGUMENT  a model could not be loaded
 
 Each class carries its HTTP status and gRPC status code; the frontends map an error to the wire
 in exactly one place each (`frontends/rest.py`, `frontends/grpc_service.py`). Exceptions that are
@@ -38,6 +41,14 @@ class NotFound(ServerError):
 class Unavailable(ServerError):
     http_status = 503
     grpc_code = grpc.StatusCode.UNAVAILABLE
+
+
+class Rejected(Unavailable):
+    """The scheduler refused a request: its queue is full, or it waited past its timeout."""
+
+
+class BackendError(ServerError):
+    """The model's execution failed; the requests of that batch fail with it."""
 
 
 class Unsupported(ServerError):

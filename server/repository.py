@@ -109,8 +109,9 @@ def select_versions(model_dir: Path, config: ModelConfig) -> list[int]:
 
 class Repository:
     def __init__(self, roots: tuple[Path, ...], *, default_max_batch_size: int = 4,
-                 auto_complete: bool = True) -> None:
+                 auto_complete: bool = True, histograms: bool = False) -> None:
         self.roots = tuple(r.resolve() for r in roots)
+        self.histograms = histograms  # keep latency / batch-size histograms (for /metrics)
         self.default_max_batch_size = default_max_batch_size
         self.auto_complete = auto_complete
         self._models: dict[str, ModelEntry] = {}
@@ -262,6 +263,9 @@ class Repository:
                 v: ModelVersion(spec, v, InstancePool(f"{name}-{v}", opened), secs)
                 for v, (spec, opened, secs) in built.items()
             }
+            if self.histograms:
+                for mv in versions.values():
+                    mv.stats.enable_histograms()
             old = entry.versions
             entry.versions, entry.latest = versions, versions[max(versions)]
             entry.state, entry.reason, entry.fingerprint = READY, "", fingerprint

@@ -16,7 +16,7 @@ import numpy as np
 
 from . import __version__
 from .batcher import Work
-from .errors import InvalidArgument, Unavailable, Unsupported
+from .errors import BackendError, InvalidArgument, Rejected, Unavailable, Unsupported
 from .model_config import ModelConfig, ModelSpec
 from .repository import ModelVersion, Repository
 from .types import InferRequest, InferResponse, Tensor
@@ -83,6 +83,15 @@ def _check_inputs(spec: ModelSpec, request: InferRequest) -> dict[str, np.ndarra
     return feeds
 
 
+def _failure_reason(exc: Exception) -> str:
+    """The `reason` label of nv_inference_request_failure for a request to a loaded model."""
+    if isinstance(exc, Rejected):
+        return "REJECTED"
+    if isinstance(exc, BackendError):
+        return "BACKEND"
+    return "OTHER"  # the request failed validation (Triton does not count these; we do)
+
+
 def _int_parameter(request: InferRequest, key: str) -> int:
     value = request.parameters.get(key, 0)
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -145,8 +154,11 @@ class InferenceService:
         self._idle.clear()
         try:
             response = await self._infer(mv, request, start)
-        except Exception:
-            mv.stats.record_failure(time.perf_counter_ns() - start)
+        except asyncio.CancelledError:  # the client went away
+            mv.stats.record_failure(time.perf_counter_ns() - start, "CANCELED")
+            raise
+        except Exception as exc:
+            mv.stats.record_failure(time.perf_counter_ns() - start, _failure_reason(exc))
             raise
         finally:
             self._in_flight -= 1

@@ -11,8 +11,45 @@ Per-batch-size figures count executions. Everything is updated on the event loop
 
 from __future__ import annotations
 
+import bisect
 import time
 from dataclasses import dataclass, field
+
+from prometheus_client.utils import floatToGoString
+
+# Histogram bucket upper bounds (the +Inf bucket is implied).
+LATENCY_BUCKETS_MS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+
+class Histogram:
+    """Bucket counts and a sum, updated with one bisect per observation."""
+
+    __slots__ = ("bounds", "counts", "total", "count")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last is +Inf
+        self.total = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.total += value
+        self.count += 1
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        """(upper bound, observations at or below it) per bucket, as Prometheus histograms count."""
+        out: list[tuple[str, float]] = []
+        running = 0
+        for bound, n in zip((*self.bounds, float("inf")), self.counts, strict=True):
+            running += n
+            out.append((floatToGoString(bound), running))
+        return out
+
+# Why a request to a loaded model failed (the `reason` label of nv_inference_request_failure).
+FAILURE_REASONS = ("REJECTED", "CANCELED", "BACKEND", "OTHER")
 
 
 @dataclass(slots=True)
@@ -50,6 +87,13 @@ class ModelStats:
     compute_infer: Duration = field(default_factory=Duration)
     compute_output: Duration = field(default_factory=Duration)
     by_batch_size: dict[int, BatchStats] = field(default_factory=dict)
+    failures: dict[str, int] = field(default_factory=lambda: dict.fromkeys(FAILURE_REASONS, 0))
+    # Observed only when metrics are enabled (`histograms` is None otherwise).
+    histograms: dict[str, Histogram] | None = None
+
+    def enable_histograms(self) -> None:
+        self.histograms = {"request": Histogram(LATENCY_BUCKETS_MS), "queue": Histogram(LATENCY_BUCKETS_MS),
+                           "compute": Histogram(LATENCY_BUCKETS_MS), "batch": Histogram(BATCH_BUCKETS)}
 
     def record_execution(self, batch_size: int, input_ns: int, infer_ns: int, output_ns: int) -> None:
         """One model execution of `batch_size` rows."""
@@ -60,6 +104,8 @@ class ModelStats:
         b.compute_input.add(input_ns)
         b.compute_infer.add(infer_ns)
         b.compute_output.add(output_ns)
+        if self.histograms is not None:
+            self.histograms["batch"].observe(batch_size)
 
     def record_success(self, rows: int, total_ns: int, queue_ns: int, input_ns: int, infer_ns: int,
                        output_ns: int) -> None:
@@ -71,10 +117,16 @@ class ModelStats:
         self.compute_input.add(input_ns)
         self.compute_infer.add(infer_ns)
         self.compute_output.add(output_ns)
+        if self.histograms is not None:
+            h = self.histograms
+            h["request"].observe(total_ns / 1e6)
+            h["queue"].observe(queue_ns / 1e6)
+            h["compute"].observe(infer_ns / 1e6)
 
-    def record_failure(self, total_ns: int) -> None:
+    def record_failure(self, total_ns: int, reason: str) -> None:
         self.last_inference_ms = time.time_ns() // 1_000_000
         self.fail.add(total_ns)
+        self.failures[reason] += 1
 
     def as_dict(self) -> dict:
         """Triton's JSON form (the gRPC ModelStatistics message has the same field names)."""

@@ -26,7 +26,7 @@ def free_port() -> int:
 class FuserveProcess:
     """`python -m server serve` on free ports; stop() sends SIGTERM and returns the exit code."""
 
-    def __init__(self, repos: list[Path] | Path, *args: str, log_dir: Path) -> None:
+    def __init__(self, repos: list[Path] | Path, *args: str, log_dir: Path, env: dict | None = None) -> None:
         self.http_port, self.grpc_port, self.metrics_port = free_port(), free_port(), free_port()
         repos = [repos] if isinstance(repos, Path) else repos
         cmd = [sys.executable, "-m", "server", "serve", "--http-port", str(self.http_port),
@@ -37,7 +37,7 @@ class FuserveProcess:
         self.log_path = log_dir / f"fuserve-{self.http_port}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 (open for the process lifetime)
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
 
     @property
     def http_url(self) -> str:
@@ -59,6 +59,20 @@ class FuserveProcess:
             return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
         finally:
             conn.close()
+
+    def metrics(self) -> dict:
+        """GET /metrics, parsed with prometheus-client: family name -> list of samples."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        conn = http.client.HTTPConnection("127.0.0.1", self.metrics_port, timeout=30)
+        try:
+            conn.request("GET", "/metrics")
+            resp = conn.getresponse()
+            assert resp.status == 200
+            text = resp.read().decode()
+        finally:
+            conn.close()
+        return {f.name: f for f in text_string_to_metric_families(text)}
 
     def wait_ready(self, timeout: float = 90.0) -> FuserveProcess:
         deadline = time.monotonic() + timeout
@@ -91,8 +105,8 @@ def start_server(tmp_path_factory):
     started: list[FuserveProcess] = []
     log_dir = tmp_path_factory.mktemp("logs")
 
-    def start(repos, *args: str, wait: bool = True) -> FuserveProcess:
-        p = FuserveProcess(repos, *args, log_dir=log_dir)
+    def start(repos, *args: str, wait: bool = True, env: dict | None = None) -> FuserveProcess:
+        p = FuserveProcess(repos, *args, log_dir=log_dir, env=env)
         started.append(p)
         return p.wait_ready() if wait else p
 
