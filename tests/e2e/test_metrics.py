@@ -86,7 +86,7 @@ def test_triton_names_types_and_labels(metrics_server):
     conn.request("GET", "/metrics")
     raw = conn.getresponse().read().decode()
     assert "# TYPE nv_inference_request_success counter\n" in raw
-    assert '\nnv_inference_count{model="add_sub",version="1"} ' in raw and "_total" not in raw
+    assert '\nnv_inference_count{model="add_sub",version="1"} ' in raw and "_total{" not in raw
 
 
 def test_counters_rise_by_exactly_the_traffic(metrics_server):
