@@ -233,3 +233,21 @@ def test_metrics_can_be_turned_off(start_server, tmp_path):
     with pytest.raises(OSError):
         http.client.HTTPConnection("127.0.0.1", p.metrics_port, timeout=5).request("GET", "/metrics")
     assert p.request("GET", "/v2/health/ready")[0] == 200
+
+
+def test_docs_and_dashboard_name_only_real_metrics(metrics_server):
+    import re
+    from pathlib import Path
+
+    docs = Path(__file__).resolve().parents[2] / "docs"
+    exported = set(metrics_server.metrics())
+    gpu = {"nv_gpu_utilization", "nv_gpu_memory_total_bytes", "nv_gpu_memory_used_bytes", "nv_gpu_power_usage",
+           "nv_gpu_power_limit", "nv_energy_consumption"}  # exported in test_gpu_gauges_from_an_injected_nvml
+    text = (docs / "metrics.md").read_text()
+    for name in exported | gpu:
+        assert f"`{name}`" in text, f"{name} is not documented in docs/metrics.md"
+    dashboard = json.loads((docs / "grafana" / "fuserve-dashboard.json").read_text())
+    tokens = {m for p in dashboard["panels"] for t in p["targets"]
+              for m in re.findall(r"\b(?:nv|fuserve)_[a-z_]+\b", t["expr"])}
+    used = {t if t in exported else re.sub(r"_(bucket|sum|count)$", "", t) for t in tokens}
+    assert used and used <= exported | gpu, used - exported - gpu
