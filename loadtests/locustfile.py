@@ -1,0 +1,186 @@
+"""Locust users for fuserve: KServe V2 JSON, V2 binary (HTTP) and gRPC, each reply checked.
+
+    locust -f loadtests/locustfile.py --host http://127.0.0.1:8000                 # web UI on :8089
+    locust -f loadtests/locustfile.py --host http://127.0.0.1:8000 --headless -u 32 -r 8 -t 60s
+
+Environment:
+    FUSERVE_MODEL      model to drive (default add_sub); any model works: each user reads the
+                       model's metadata and sends one row of deterministic data of the right
+                       shapes and datatypes
+    FUSERVE_GRPC       host:port of the gRPC endpoint (default: the --host's host, port 8001)
+
+Every reply is checked: status 200, each output present with batch size 1, and for `add_sub`
+(Triton's `simple`) the sums and differences themselves. A wrong reply counts as a failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import time
+from urllib.parse import urlparse
+
+import grpc.experimental.gevent as grpc_gevent
+import numpy as np
+from locust import FastHttpUser, User, constant, task
+
+grpc_gevent.init_gevent()  # grpcio must cooperate with Locust's gevent loop
+
+import tritonclient.grpc as grpcclient  # noqa: E402  (after init_gevent)
+
+MODEL = os.environ.get("FUSERVE_MODEL", "add_sub")
+_NUMPY = {"BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
+          "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64, "FP16": np.float16,
+          "FP32": np.float32, "FP64": np.float64}
+
+
+def one_row(metadata: dict) -> dict[str, np.ndarray]:
+    """Deterministic inputs of batch 1 for the model's inputs (variable dims become 4)."""
+    rng = np.random.default_rng(0)
+    out = {}
+    for t in metadata["inputs"]:
+        shape = [1] + [int(d) if int(d) > 0 else 4 for d in t["shape"][1:]]
+        if t["datatype"] == "BYTES":
+            out[t["name"]] = np.array([str(i).encode() for i in range(int(np.prod(shape)))],
+                                      dtype=object).reshape(shape)
+        else:
+            out[t["name"]] = (rng.integers(0, 16, shape)).astype(_NUMPY[t["datatype"]])
+    return out
+
+
+def check(metadata: dict, outputs: dict[str, np.ndarray], inputs: dict[str, np.ndarray]) -> str | None:
+    """None when the reply is right, else what is wrong."""
+    for t in metadata["outputs"]:
+        arr = outputs.get(t["name"])
+        if arr is None or arr.shape[0] != 1:
+            return f"output {t['name']} missing or not batch 1"
+    if MODEL == "add_sub":
+        a, b = inputs["INPUT0"], inputs["INPUT1"]
+        if not (np.array_equal(outputs["OUTPUT0"], a + b) and np.array_equal(outputs["OUTPUT1"], a - b)):
+            return "wrong sum or difference"
+    return None
+
+
+def _bytes_blob(arr: np.ndarray) -> bytes:
+    return b"".join(struct.pack("<I", len(x)) + x for x in arr.reshape(-1))
+
+
+def _from_binary(datatype: str, shape: list[int], blob: bytes) -> np.ndarray:
+    if datatype == "BYTES":
+        items, pos = [], 0
+        while pos < len(blob):
+            (n,) = struct.unpack_from("<I", blob, pos)
+            items.append(blob[pos + 4:pos + 4 + n])
+            pos += 4 + n
+        return np.array(items, dtype=object).reshape(shape)
+    return np.frombuffer(blob, dtype=_NUMPY[datatype]).reshape(shape)
+
+
+class _V2Http(FastHttpUser):
+    abstract = True
+    wait_time = constant(0)
+
+    def on_start(self) -> None:
+        with self.client.get(f"/v2/models/{MODEL}", name="metadata", catch_response=True) as r:
+            if r.status_code != 200:
+                r.failure(f"metadata: HTTP {r.status_code}")
+                self.stop()
+                return
+            self.metadata = json.loads(r.content)
+        self.inputs = one_row(self.metadata)
+
+
+class V2JsonUser(_V2Http):
+    """V2 JSON tensors in and out."""
+
+    def on_start(self) -> None:
+        super().on_start()
+        self.body = json.dumps({"inputs": [
+            {"name": n, "datatype": t["datatype"], "shape": list(a.shape),
+             "data": [x.decode() if isinstance(x, bytes) else x for x in a.reshape(-1).tolist()]}
+            for (n, a), t in zip(self.inputs.items(), self.metadata["inputs"], strict=True)]}).encode()
+
+    @task
+    def infer(self) -> None:
+        with self.client.post(f"/v2/models/{MODEL}/infer", data=self.body, name="v2-json",
+                              headers={"Content-Type": "application/json"}, catch_response=True) as r:
+            if r.status_code != 200:
+                r.failure(f"HTTP {r.status_code}: {r.text[:200]}")
+                return
+            reply = json.loads(r.content)
+            outs = {o["name"]: np.array(o["data"]).reshape(o["shape"]) for o in reply["outputs"]}
+            problem = check(self.metadata, outs, self.inputs)
+            if problem:
+                r.failure(problem)
+
+
+class V2BinaryUser(_V2Http):
+    """The binary tensor data extension both ways (what tritonclient.http sends by default)."""
+
+    def on_start(self) -> None:
+        super().on_start()
+        blobs = [_bytes_blob(a) if a.dtype == object else a.tobytes() for a in self.inputs.values()]
+        header = json.dumps({
+            "inputs": [{"name": n, "datatype": t["datatype"], "shape": list(a.shape),
+                        "parameters": {"binary_data_size": len(b)}}
+                       for (n, a), t, b in zip(self.inputs.items(), self.metadata["inputs"], blobs, strict=True)],
+            "outputs": [{"name": t["name"], "parameters": {"binary_data": True}} for t in self.metadata["outputs"]],
+        }).encode()
+        self.body = header + b"".join(blobs)
+        self.headers = {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(len(header))}
+
+    @task
+    def infer(self) -> None:
+        with self.client.post(f"/v2/models/{MODEL}/infer", data=self.body, name="v2-binary", headers=self.headers,
+                              catch_response=True) as r:
+            if r.status_code != 200:
+                r.failure(f"HTTP {r.status_code}: {r.text[:200]}")
+                return
+            hl = int(r.headers["Inference-Header-Content-Length"])
+            reply, pos, outs = json.loads(r.content[:hl]), hl, {}
+            for o in reply["outputs"]:
+                size = o["parameters"]["binary_data_size"]
+                outs[o["name"]] = _from_binary(o["datatype"], o["shape"], r.content[pos:pos + size])
+                pos += size
+            problem = check(self.metadata, outs, self.inputs)
+            if problem:
+                r.failure(problem)
+
+
+class GrpcUser(User):
+    """KServe V2 gRPC through tritonclient.grpc, reported to Locust as request type 'grpc'."""
+
+    wait_time = constant(0)
+
+    def on_start(self) -> None:
+        host = urlparse(self.host or "http://127.0.0.1:8000").hostname or "127.0.0.1"
+        self.client = grpcclient.InferenceServerClient(os.environ.get("FUSERVE_GRPC", f"{host}:8001"))
+        self.metadata = self.client.get_model_metadata(MODEL, as_json=True)
+        self.inputs = one_row(self.metadata)
+        self.grpc_inputs = []
+        for (name, arr), t in zip(self.inputs.items(), self.metadata["inputs"], strict=True):
+            i = grpcclient.InferInput(name, list(arr.shape), t["datatype"])
+            i.set_data_from_numpy(arr)
+            self.grpc_inputs.append(i)
+
+    def on_stop(self) -> None:
+        self.client.close()
+
+    @task
+    def infer(self) -> None:
+        start = time.perf_counter()
+        exception: Exception | None = None
+        length = 0
+        try:
+            result = self.client.infer(MODEL, self.grpc_inputs)
+            outs = {t["name"]: result.as_numpy(t["name"]) for t in self.metadata["outputs"]}
+            length = sum(o.nbytes for o in outs.values() if o is not None)
+            problem = check(self.metadata, outs, self.inputs)
+            if problem:
+                exception = AssertionError(problem)
+        except Exception as exc:
+            exception = exc
+        self.environment.events.request.fire(request_type="grpc", name="grpc", response_length=length,
+                                             response_time=(time.perf_counter() - start) * 1000,
+                                             exception=exception, context={})
