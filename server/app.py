@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 
@@ -84,6 +85,10 @@ async def serve(config: ServerConfig) -> int:
         await repository.close()
         return 1
 
+    # The objects built so far live as long as the process: keep the garbage collector off them, and
+    # let it run less often (the request path allocates many short-lived containers).
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 20)
     service.accepting = True
     repo_poll_task = None
     if config.model_control_mode == "poll":

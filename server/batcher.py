@@ -119,6 +119,7 @@ class Batcher:
         self._delayed: deque[_Pending] = deque()  # timed out under DELAY: served after everything else
         self._counts = [0] * len(self.policies)  # queued requests per level (the deques hold stale entries)
         self._timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._executing = 0  # batches
         self.executing_requests = 0
         self._idle = asyncio.Event()
@@ -145,8 +146,11 @@ class Batcher:
         if work.timeout_us > 0 and policy.allow_timeout_override and (timeout_us == 0 or work.timeout_us < timeout_us):
             timeout_us = work.timeout_us  # a client may only shorten the timeout
         now = time.perf_counter_ns()
-        key = tuple((n, a.shape[1:], a.dtype) for n, a in work.feeds.items()) if self.max_rows else ()
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        if loop is None:  # asyncio.get_running_loop() costs a getpid() syscall: look it up once
+            loop = self._loop = asyncio.get_running_loop()
+        # dtypes are the model's (validated), so names and non-batch dims decide what batches together
+        key = tuple([(n, a.shape[1:]) for n, a in work.feeds.items()]) if self.max_rows else ()
         pending = _Pending(work, loop.create_future(), key, now, now + timeout_us * 1000 if timeout_us else 0,
                            level, policy.delay_on_timeout)
         self._queues[level].append(pending)
@@ -257,7 +261,7 @@ class Batcher:
                 break
             self._dispatch(batch, instance)
         if wake_at:
-            loop = asyncio.get_running_loop()
+            loop = self._loop or asyncio.get_running_loop()
             self._timer = loop.call_at(loop.time() + max(0, wake_at - time.perf_counter_ns()) / 1e9, self._schedule)
         self._check_idle()
 
@@ -274,7 +278,8 @@ class Batcher:
         self._next_seq += 1
         started = time.perf_counter_ns()
         rows = [p.work.rows for p in batch]
-        fut = self.pool.run(_execute_batch, instance, [p.work.feeds for p in batch], list(outputs), rows)
+        loop = self._loop or asyncio.get_running_loop()
+        fut = self.pool.run(loop, _execute_batch, instance, [p.work.feeds for p in batch], list(outputs), rows)
         fut.add_done_callback(functools.partial(self._on_executed, batch, instance, seq, started, sum(rows)))
 
     # ---- completion -----------------------------------------------------------------------------
@@ -311,7 +316,8 @@ class Batcher:
         self.stats.record_execution(done.rows, input_ns, infer_ns, output_ns)
         for p, part in zip(done.batch, done.parts, strict=True):
             if not p.future.done():
-                outputs = {name: part[name] for name in p.work.outputs}
+                # a request that wants every output the batch computed takes the dict as it is
+                outputs = part if len(p.work.outputs) == len(part) else {n: part[n] for n in p.work.outputs}
                 p.future.set_result(Outcome(outputs, done.started - p.arrival, input_ns, infer_ns, output_ns))
 
     def _check_idle(self) -> None:

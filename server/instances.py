@@ -42,9 +42,9 @@ class InstancePool:
         if len(self._free) == len(self._instances):
             self._all_free.set()
 
-    def run(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+    def run(self, loop: asyncio.AbstractEventLoop, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
         """Run `fn(*args)` on a worker thread; the caller holds the instance it uses."""
-        return asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        return loop.run_in_executor(self._executor, fn, *args)
 
     async def close(self) -> None:
         """Wait for executions in flight, then release the instances."""

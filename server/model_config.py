@@ -51,10 +51,12 @@ class TensorSpec:
     # Shape the backend wants when it differs from `dims` (Triton's `reshape`), without batch dim.
     reshape: tuple[int, ...] | None = None
     optional: bool = False
+    datatype: str = ""  # V2 name, filled from dtype
+    variable: bool = False  # some dim is -1
 
-    @property
-    def datatype(self) -> str:
-        return self.dtype.v2
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "datatype", self.dtype.v2)
+        object.__setattr__(self, "variable", -1 in self.dims)
 
 
 @dataclass(frozen=True)

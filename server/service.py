@@ -68,7 +68,8 @@ def _check_inputs(spec: ModelSpec, request: InferRequest) -> dict[str, np.ndarra
             elif shape[0] != batch:
                 raise InvalidArgument(f"input '{t.name}' has batch size {shape[0]}, other inputs have {batch}")
             dims = shape[1:]
-        if len(dims) != len(ts.dims) or any(w != -1 and g != w for g, w in zip(dims, ts.dims, strict=True)):
+        if dims != ts.dims and (len(dims) != len(ts.dims) or not ts.variable or
+                                any(w != -1 and g != w for g, w in zip(dims, ts.dims, strict=True))):
             expected = [-1, *ts.dims] if spec.max_batch_size > 0 else list(ts.dims)
             raise InvalidArgument(f"input '{t.name}' has shape {list(shape)}; model '{spec.name}' expects "
                                   f"{expected}")
@@ -168,12 +169,12 @@ class InferenceService:
 
     async def _infer(self, mv: ModelVersion, request: InferRequest, start: int) -> InferResponse:
         spec = mv.spec
-        if any("classification" in o.parameters for o in request.outputs):
-            raise Unsupported("the classification extension is not supported by fuserve")
         feeds = _check_inputs(spec, request)
         if request.outputs:
             names = []
             for o in request.outputs:
+                if o.parameters and "classification" in o.parameters:
+                    raise Unsupported("the classification extension is not supported by fuserve")
                 if o.name not in spec.output_index:
                     raise InvalidArgument(f"unexpected output '{o.name}' for model '{spec.name}' "
                                           f"(its outputs: {', '.join(spec.output_index)})")
@@ -181,14 +182,15 @@ class InferenceService:
         else:
             names = list(spec.output_index)
         rows = request.inputs[0].shape[0] if spec.max_batch_size > 0 else 1
-        work = Work(feeds, tuple(names), rows, _int_parameter(request, "priority"), _int_parameter(request, "timeout"))
+        work = Work(feeds, tuple(names), rows)
+        if request.parameters:
+            work.priority = _int_parameter(request, "priority")
+            work.timeout_us = _int_parameter(request, "timeout")
         prepared = time.perf_counter_ns()
         outcome = await mv.batcher.submit(work)
         collected = time.perf_counter_ns()
-        outputs = []
-        for name in names:
-            arr = outcome.outputs[name]
-            outputs.append(Tensor(name, spec.output_index[name].dtype.v2, arr.shape, arr))
+        index = spec.output_index
+        outputs = [Tensor(name, index[name].datatype, (arr := outcome.outputs[name]).shape, arr) for name in names]
         end = time.perf_counter_ns()
         # Triton's split: compute_input covers our checks and the batch's concatenation, and so on.
         mv.stats.record_success(rows, end - start, outcome.queue_ns, prepared - start + outcome.input_ns,

@@ -17,6 +17,15 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def wait_until(condition, timeout: float = 60.0, what: str = "condition") -> None:
+    """Poll `condition()` until it is true; fail the test (never hang) after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.002)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -7,6 +7,7 @@ before anything is allocated, so a request claiming [1, 2**40] elements costs no
 
 from __future__ import annotations
 
+import math
 import struct
 
 import numpy as np
@@ -18,19 +19,21 @@ _LEN = struct.Struct("<I")
 
 
 def element_count(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
+    return math.prod(shape)  # Python ints: no overflow, however absurd the dims
 
 
 def check_shape(name: str, shape: object) -> tuple[int, ...]:
-    """A V2 shape: a list of non-negative integers (bools are not integers here)."""
-    if not isinstance(shape, (list, tuple)) or any(type(d) is not int or d < 0 for d in shape):
+    """A V2 shape: a list of at most 32 non-negative integers (bools are not integers here)."""
+    if isinstance(shape, (list, tuple)) and len(shape) <= 32:
+        for d in shape:
+            if type(d) is not int or d < 0:
+                break
+        else:
+            return tuple(shape)
         raise InvalidArgument(f"input '{name}': shape must be a list of non-negative integers, got {shape!r}")
-    if len(shape) > 32:
+    if isinstance(shape, (list, tuple)):
         raise InvalidArgument(f"input '{name}': shape has {len(shape)} dims; at most 32 are supported")
-    return tuple(shape)
+    raise InvalidArgument(f"input '{name}': shape must be a list of non-negative integers, got {shape!r}")
 
 
 def decode(name: str, datatype: str, shape: tuple[int, ...], buf: memoryview | bytes) -> np.ndarray:

@@ -30,10 +30,10 @@ def loads(body: bytes | memoryview, what: str = "request body") -> Any:
 
 
 def _parameters(obj: dict, where: str) -> dict:
-    params = obj.get("parameters", {})
-    if params is None:
+    params = obj.get("parameters")
+    if not params:
         return {}
-    if not isinstance(params, dict):
+    if type(params) is not dict:
         raise InvalidArgument(f"{where}: 'parameters' must be a JSON object")
     return params
 
@@ -66,35 +66,39 @@ def _json_data(name: str, datatype: str, shape: tuple[int, ...], data: Any) -> n
 
 def decode_request(body: bytes, header_length: int | None, model_name: str, model_version: str) -> InferRequest:
     """An HTTP infer body -> InferRequest. `header_length` is Inference-Header-Content-Length."""
-    if header_length is None:
-        header_length = len(body)
+    if header_length is None or header_length == len(body):
+        obj = loads(body, "inference request")
+        binary = memoryview(b"")
     elif header_length > len(body):
         raise InvalidArgument(f"Inference-Header-Content-Length is {header_length} but the body has only "
                               f"{len(body)} bytes")
-    view = memoryview(body)
-    obj = loads(view[:header_length], "inference request")
-    if not isinstance(obj, dict):
+    else:
+        view = memoryview(body)
+        obj = loads(view[:header_length], "inference request")
+        binary = view[header_length:]
+    if type(obj) is not dict:
         raise InvalidArgument("the inference request must be a JSON object")
     request_id = obj.get("id", "")
-    if not isinstance(request_id, str):
+    if type(request_id) is not str:
         raise InvalidArgument("request 'id' must be a string")
-    params = _parameters(obj, "request")
+    params = _parameters(obj, "request") if "parameters" in obj else {}
     raw_inputs = obj.get("inputs")
-    if not isinstance(raw_inputs, list) or not raw_inputs:
+    if type(raw_inputs) is not list or not raw_inputs:
         raise InvalidArgument("the request must have a non-empty 'inputs' list")
-    binary = view[header_length:]
     offset = 0
     inputs = []
     for item in raw_inputs:
-        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+        if type(item) is not dict:
             raise InvalidArgument("each input must be a JSON object with a 'name' string")
-        name = item["name"]
+        name = item.get("name")
         datatype = item.get("datatype")
-        if not isinstance(datatype, str):
+        if type(name) is not str:
+            raise InvalidArgument("each input must be a JSON object with a 'name' string")
+        if type(datatype) is not str:
             raise InvalidArgument(f"input '{name}': 'datatype' must be a string")
         shape = raw.check_shape(name, item.get("shape"))
-        in_params = _parameters(item, f"input '{name}'")
-        size = in_params.get("binary_data_size")
+        in_params = _parameters(item, f"input '{name}'") if "parameters" in item else {}
+        size = in_params.get("binary_data_size") if in_params else None
         if size is not None:
             if type(size) is not int or size < 0:
                 raise InvalidArgument(f"input '{name}': binary_data_size must be a non-negative integer")
@@ -117,7 +121,7 @@ def decode_request(body: bytes, header_length: int | None, model_name: str, mode
     for item in raw_outputs:
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):
             raise InvalidArgument("each requested output must be a JSON object with a 'name' string")
-        o_params = _parameters(item, f"output '{item['name']}'")
+        o_params = _parameters(item, f"output '{item['name']}'") if "parameters" in item else {}
         want_binary = o_params.get("binary_data")
         outputs.append(RequestedOutput(item["name"], bool(want_binary) if want_binary is not None else None,
                                        o_params))

@@ -80,6 +80,8 @@ def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
 class HttpProtocol(asyncio.Protocol):
     def __init__(self, server: HttpServer) -> None:
         self.server = server
+        # protocols exist only once the server has started, so its loop is known
+        self.loop = cast(asyncio.AbstractEventLoop, server.loop)
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.queue: deque[tuple[HttpRequest, bool]] = deque()
@@ -161,8 +163,8 @@ class HttpProtocol(asyncio.Protocol):
                 body = _decompress(body, encoding, self.server.max_body)
             except (ValueError, zlib.error) as exc:
                 error = f"cannot decode the request body: {exc}"
-        url = httptools.parse_url(self._url)
-        path = url.path.decode("latin-1")  # still percent-encoded: the router splits, then unquotes
+        # the path without query or fragment, still percent-encoded: the router splits, then unquotes
+        path = self._url.partition(b"?")[0].partition(b"#")[0].decode("latin-1")
         request = HttpRequest(self.parser.get_method().decode("latin-1"), path, self._headers, body, error)
         self._enqueue(request, self.parser.should_keep_alive() and not error)
 
@@ -172,7 +174,7 @@ class HttpProtocol(asyncio.Protocol):
             self.transport.pause_reading()
         if not self.busy:
             self.busy = True
-            self._task = asyncio.get_running_loop().create_task(self._serve_queue())
+            self._task = self.loop.create_task(self._serve_queue())
 
     # ---- responding ---------------------------------------------------------------------------
 
@@ -200,16 +202,16 @@ class HttpProtocol(asyncio.Protocol):
     def _write(self, response: HttpResponse, keep_alive: bool) -> None:
         if self.transport is None:
             return
-        head = [
-            _STATUS_LINES.get(response.status) or f"HTTP/1.1 {response.status} Unknown\r\n".encode(),
-            self.server.clock.date_header(),
-            b"content-type: ", response.content_type, b"\r\ncontent-length: ",
-            str(len(response.body)).encode(), b"\r\n",
-        ]
+        status = _STATUS_LINES.get(response.status) or f"HTTP/1.1 {response.status} Unknown\r\n".encode()
+        head = b"%s%scontent-type: %s\r\ncontent-length: %d\r\n" % (
+            status, self.server.clock.date_header(), response.content_type, len(response.body))
         for name, value in response.headers:
-            head += [name, b": ", value, b"\r\n"]
-        head.append(b"\r\n" if keep_alive else b"connection: close\r\n\r\n")
-        self.transport.writelines([b"".join(head), response.body])
+            head += b"%s: %s\r\n" % (name, value)
+        head += b"\r\n" if keep_alive else b"connection: close\r\n\r\n"
+        if len(response.body) < 65536:  # one buffer, one send
+            self.transport.write(head + response.body)
+        else:
+            self.transport.writelines([head, response.body])
 
     def _fail(self, status: int, message: str) -> None:
         self._write(HttpResponse(status, self.server.error_body(message)), keep_alive=False)
@@ -235,9 +237,10 @@ class HttpServer:
         self.clock = _Clock()
         self.connections: set[HttpProtocol] = set()
         self._server: asyncio.Server | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None  # set by start()
 
     async def start(self, host: str, port: int) -> int:
-        loop = asyncio.get_running_loop()
+        loop = self.loop = asyncio.get_running_loop()  # kept: get_running_loop() costs a getpid()
         self._server = await loop.create_server(lambda: HttpProtocol(self), host, port, backlog=2048,
                                                 reuse_address=True)
         return int(self._server.sockets[0].getsockname()[1])

@@ -44,6 +44,8 @@ def _json(obj: object) -> HttpResponse:
 class RestFrontend:
     def __init__(self, service: InferenceService) -> None:
         self.service = service
+        # infer URL -> (model, version), so the hot path skips routing; bounded, whatever clients send
+        self._infer_paths: dict[str, tuple[str, str]] = {}
 
     async def handle(self, request: HttpRequest) -> HttpResponse:
         if request.error:
@@ -54,6 +56,10 @@ class RestFrontend:
             return _error_response(exc)
 
     async def _route(self, request: HttpRequest) -> HttpResponse:
+        if request.method == "POST":
+            target = self._infer_paths.get(request.path)
+            if target is not None:
+                return await self._infer(request, *target)
         parts = request.path.strip("/").split("/")
         if "%" in request.path:
             parts = [unquote(p) for p in parts]
@@ -77,6 +83,8 @@ class RestFrontend:
                 version, tail = tail[1], tail[2:]
             action = tail[0] if len(tail) == 1 else "" if not tail else None
             handler = self._model_routes.get((method, action)) if action is not None else None
+            if handler is RestFrontend._infer and len(self._infer_paths) < 1024:
+                self._infer_paths[request.path] = (name, version)
             if handler is not None:
                 return await handler(self, request, name, version)
         if rest[0] == "repository" and method == "POST":

@@ -17,6 +17,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as aiogrpcclient
 import tritonclient.http as httpclient
+from conftest import wait_until
 from tritonclient.utils import InferenceServerException
 
 W = mb.ECHO_WIDTH
@@ -218,22 +219,27 @@ def test_cancelled_queued_request_never_executes(batching_server):
                + str(len(body_json)).encode() + b"\r\n\r\n" + body_json)
     done = threading.Event()
 
+    statuses = []
+
     def blocker() -> None:
-        conn = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=60)
-        conn.request("POST", "/v2/models/bounded/infer", body_json)
-        assert conn.getresponse().status == 200
-        done.set()
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=60)
+            conn.request("POST", "/v2/models/bounded/infer", body_json)
+            statuses.append(conn.getresponse().status)
+        finally:
+            done.set()
 
     t = threading.Thread(target=blocker)
     t.start()
-    while stats(server, "bounded")["fuserve_executing"] == 0:
-        assert not done.is_set()  # until the blocker occupies the only instance
+    # until the blocker occupies the only instance
+    wait_until(lambda: stats(server, "bounded")["fuserve_executing"] > 0 or done.is_set(), what="the blocker")
+    assert not done.is_set(), statuses
     with socket.create_connection(("127.0.0.1", server.http_port)) as s:
         s.sendall(request)
-        while stats(server, "bounded")["fuserve_pending"] == 0 and not done.is_set():
-            pass  # until the request is queued behind the blocker
+        wait_until(lambda: stats(server, "bounded")["fuserve_pending"] > 0 or done.is_set(), what="queued")
         assert not done.is_set(), "the blocker finished before the request was seen queued"
     t.join(60)
+    assert statuses == [200]
     after = stats(server, "bounded")
     assert after["fuserve_cancelled"] == before["fuserve_cancelled"] + 1
     assert after["inference_count"] == before["inference_count"] + 1  # only the blocker ran
@@ -276,9 +282,8 @@ def test_sigterm_with_a_full_queue_answers_every_admitted_request(start_server, 
     def seen(s: dict) -> int:  # requests queued, executing or answered
         return s["fuserve_pending"] + s["fuserve_executing"] + s["inference_stats"]["success"]["count"]
 
-    while seen(s := stats(p, "busy")) < 12:  # SIGTERM once every request is admitted...
-        pass
-    assert s["fuserve_pending"] > 0  # ...and some still wait in the queue
+    wait_until(lambda: seen(stats(p, "busy")) >= 12, what="every request admitted")
+    assert stats(p, "busy")["fuserve_pending"] > 0  # ...and some still wait in the queue
     p.proc.send_signal(signal.SIGTERM)
     for t in threads:
         t.join(120)
@@ -292,20 +297,21 @@ def test_grpc_deadline_cancels_the_queued_request(batching_server):
     done = threading.Event()
 
     def blocker() -> None:
-        httpclient.InferenceServerClient(server.http_url).infer("bounded", http_inputs(np.ones((1, 3), np.float32)))
-        done.set()
+        try:
+            httpclient.InferenceServerClient(server.http_url).infer("bounded", http_inputs(np.ones((1, 3), np.float32)))
+        finally:
+            done.set()
 
     t = threading.Thread(target=blocker)
     t.start()
-    while stats(server, "bounded")["fuserve_executing"] == 0:
-        assert not done.is_set()
+    wait_until(lambda: stats(server, "bounded")["fuserve_executing"] > 0 or done.is_set(), what="the blocker")
+    assert not done.is_set()
     c = grpcclient.InferenceServerClient(server.grpc_url)
     with pytest.raises(InferenceServerException) as e:
         c.infer("bounded", http_inputs(np.ones((1, 3), np.float32), grpcclient), client_timeout=0.02)
     assert "Deadline" in str(e.value.status()) or "DEADLINE" in str(e.value.status())
     t.join(60)
-    while stats(server, "bounded")["fuserve_pending"]:
-        pass
+    wait_until(lambda: stats(server, "bounded")["fuserve_pending"] == 0, what="an empty queue")
     after = stats(server, "bounded")
     assert after["fuserve_cancelled"] == before["fuserve_cancelled"] + 1
     assert after["inference_count"] == before["inference_count"] + 1  # only the blocker ran

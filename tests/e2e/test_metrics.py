@@ -12,6 +12,7 @@ import model_builders as mb
 import numpy as np
 import pytest
 import tritonclient.http as httpclient
+from conftest import wait_until
 from test_batching import echo_model, http_inputs, stats
 from tritonclient.utils import InferenceServerException
 
@@ -133,21 +134,21 @@ def test_failures_are_counted_with_their_reason(metrics_server):
     done = threading.Event()
     t = threading.Thread(target=lambda: (_try(server, "bounded"), done.set()))
     t.start()
-    while stats(server, "bounded")["fuserve_executing"] == 0:
-        assert not done.is_set()
+    wait_until(lambda: stats(server, "bounded")["fuserve_executing"] > 0 or done.is_set(), what="the blocker")
+    assert not done.is_set()
     conn = http.client.HTTPConnection("127.0.0.1", server.http_port)
     body = json.dumps({"inputs": [{"name": "INPUT", "datatype": "FP32", "shape": [1, 1], "data": [1]},
                                   {"name": "WORK", "datatype": "FP32", "shape": [1, mb.ECHO_WIDTH],
                                    "data": [0] * mb.ECHO_WIDTH}]}).encode()
     conn.request("POST", "/v2/models/bounded/infer", body)
-    while stats(server, "bounded")["fuserve_pending"] == 0:
-        assert not done.is_set()
+    wait_until(lambda: stats(server, "bounded")["fuserve_pending"] > 0 or done.is_set(), what="queued")
+    assert not done.is_set()
     assert _try(server, "bounded") == 503  # queue (max_queue_size 1) is full
     conn.close()  # the queued request's client goes away
     t.join(60)
-    while value(server.metrics(), "nv_inference_request_failure", model="bounded", reason="CANCELED") == \
-            value(before, "nv_inference_request_failure", model="bounded", reason="CANCELED"):
-        time.sleep(0.01)
+    canceled_before = value(before, "nv_inference_request_failure", model="bounded", reason="CANCELED")
+    wait_until(lambda: value(server.metrics(), "nv_inference_request_failure", model="bounded",
+                             reason="CANCELED") > canceled_before, what="the cancellation")
     after = server.metrics()
 
     def failures(model, reason):
