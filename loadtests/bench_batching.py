@@ -72,11 +72,11 @@ def http_get(port: int, path: str) -> tuple[int, bytes]:
         conn.close()
 
 
-def build_repo(model: str, repo: Path) -> None:
+def build_repo(model: str, repo: Path, batching: str = "dynamic_batching { }") -> None:
     src = ROOT / "model_repo" / model / "1" / "model.onnx"
     if not src.exists():
         subprocess.run([sys.executable, str(ROOT / "model_repo" / "generate.py"), "--models", model], check=True)
-    for name, extra in ((f"{model}_batched", "dynamic_batching { }\n"), (f"{model}_unbatched", "")):
+    for name, extra in ((f"{model}_batched", batching + "\n"), (f"{model}_unbatched", "")):
         (repo / name / "1").mkdir(parents=True)
         shutil.copy(src, repo / name / "1" / "model.onnx")
         (repo / name / "config.pbtxt").write_text(f"max_batch_size: 64\n{THREADS}{extra}")
@@ -148,6 +148,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=float, default=2.0)
     ap.add_argument("--server-cpu", default="1", help="taskset list for the server and the in-process limit")
     ap.add_argument("--client-cpu", default="0", help="taskset list for wrk")
+    ap.add_argument("--batching", default="dynamic_batching { }",
+                    help="the batched copy's scheduling block, e.g. 'dynamic_batching { preferred_batch_size: [2] }'")
     a = ap.parse_args()
     if not shutil.which("wrk"):
         sys.exit("wrk not found: apt-get install wrk")
@@ -158,7 +160,7 @@ def main() -> None:
         body, marker = SAMPLES[model]()
         with tempfile.TemporaryDirectory() as tmp:
             repo = Path(tmp) / "repo"
-            build_repo(model, repo)
+            build_repo(model, repo, a.batching)
             body_file = Path(tmp) / "body.json"
             body_file.write_text(json.dumps(body))
             port = free_port()

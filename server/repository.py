@@ -153,14 +153,15 @@ class Repository:
         return found
 
     def model_dir(self, name: str) -> Path:
-        """The directory of model `name`, refusing names that would leave the repositories."""
+        """The directory of model `name`, refusing names that would leave the repositories.
+
+        A name is one path component (no separators, not `.` or `..`), so `root / name` is always
+        an entry of a repository root. That entry may be a symlink the operator put there (as
+        Triton allows); what a request names can never reach beyond the roots' own entries.
+        """
         if not _valid_name(name):
             raise InvalidArgument(f"invalid model name '{name}'")
-        hits = []
-        for root in self.roots:
-            p = (root / name).resolve()
-            if p.parent == root and p.is_dir():
-                hits.append(p)
+        hits = [root / name for root in self.roots if (root / name).is_dir()]
         if not hits:
             raise NotFound(f"model '{name}' is not in the model repository")
         if len(hits) > 1:
@@ -299,6 +300,8 @@ class Repository:
                 await self.load(name)
             except Exception as exc:
                 errors[name] = str(exc)
+                if not isinstance(exc, ModelLoadError):  # load() logged the others already
+                    log.error("failed to load model '%s': %s", name, exc)
         return errors
 
     async def poll_once(self) -> None:

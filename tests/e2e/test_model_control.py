@@ -162,3 +162,13 @@ def test_load_with_config_override(start_server, repo):
     with pytest.raises(InferenceServerException) as e:
         c.load_model("wrong_model_name")
     assert "failed to load" in e.value.message() and e.value.status() == "404"
+
+
+def test_symlinked_model_directory_is_served(start_server, repo, tmp_path):
+    """An operator may link a model into the repository (Triton allows it); names still cannot escape."""
+    elsewhere = tmp_path / "elsewhere" / "linked"
+    mb.add_constant(elsewhere / "1" / "model.onnx", 3.0)
+    (repo / "linked").symlink_to(elsewhere, target_is_directory=True)
+    p = start_server(repo)
+    c = httpclient.InferenceServerClient(p.http_url)
+    np.testing.assert_array_equal(add_one(c, "linked"), np.full((1, 4), 3.0))
