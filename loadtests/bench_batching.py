@@ -72,6 +72,20 @@ def http_get(port: int, path: str) -> tuple[int, bytes]:
         conn.close()
 
 
+def wait_ready(port: int, server: subprocess.Popen, timeout: float = 120.0) -> None:
+    """Poll the server's readiness; exit with its log's path in mind if it dies or never gets ready."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if http_get(port, "/v2/health/ready")[0] == 200:
+                return
+        except OSError:
+            pass
+        if time.monotonic() > deadline or server.poll() is not None:
+            sys.exit(f"fuserve did not become ready on port {port} (exit code {server.poll()})")
+        time.sleep(0.1)
+
+
 def build_repo(model: str, repo: Path, batching: str = "dynamic_batching { }") -> None:
     src = ROOT / "model_repo" / model / "1" / "model.onnx"
     if not src.exists():
@@ -170,16 +184,7 @@ def main() -> None:
                                                             str(port), "--grpc-port", str(free_port())]),
                                       cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
             try:
-                deadline = time.monotonic() + 120
-                while True:
-                    try:
-                        if http_get(port, "/v2/health/ready")[0] == 200:
-                            break
-                    except OSError:
-                        pass
-                    if time.monotonic() > deadline or server.poll() is not None:
-                        sys.exit((Path(tmp) / "server.log").read_text())
-                    time.sleep(0.1)
+                wait_ready(port, server)
                 for variant in ("unbatched", "batched"):
                     name = f"{model}_{variant}"
                     for c in concurrencies:

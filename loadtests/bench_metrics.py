@@ -20,10 +20,9 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 
-from bench_batching import ROOT, SAMPLES, build_repo, free_port, http_get, pinned, wait_idle, wrk
+from bench_batching import ROOT, SAMPLES, build_repo, free_port, http_get, pinned, wait_idle, wait_ready, wrk
 
 
 def scrape_every_second(port: int, stop: threading.Event, sizes: list[int]) -> None:
@@ -41,12 +40,7 @@ def run_once(repo: Path, metrics: bool, a: argparse.Namespace, body: Path, marke
         "--grpc-port", str(free_port()), "--metrics-port", str(metrics_port),
         "--allow-metrics", "true" if metrics else "false"]), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     try:
-        while True:
-            try:
-                if http_get(http_port, "/v2/health/ready")[0] == 200:
-                    break
-            except OSError:
-                time.sleep(0.1)
+        wait_ready(http_port, server)
         model = "add_sub_batched"
         wrk(http_port, model, body, marker, a.concurrency, 2, a.client_cpu)  # warm-up
         wait_idle(http_port, model)

@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_batching import ROOT, build_repo, free_port, http_get
+from bench_batching import ROOT, build_repo, free_port, wait_ready
 
 GOOD = json.dumps({"inputs": [
     {"name": "INPUT0", "datatype": "INT32", "shape": [1, 16], "data": list(range(16))},
@@ -109,12 +109,7 @@ def main() -> None:
                                    "--metrics-port", str(free_port())], cwd=ROOT,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            while True:
-                try:
-                    if http_get(port, "/v2/health/ready")[0] == 200:
-                        break
-                except OSError:
-                    time.sleep(0.1)
+            wait_ready(port, server)
             counts = {"ok": 0, "unexpected": 0, "errors": 0}
             asyncio.run(drive(port, 30, a.rate, counts))  # warm-up
             base = rss_kb(server.pid)
