@@ -3,13 +3,14 @@
 
 For each model, starts `fuserve serve` pinned to one core with two copies of the model (one with
 `dynamic_batching { }`, one without; max_batch_size 64, onnxruntime on one thread), drives each at
-fixed concurrencies with wrk from another core (V2 JSON over HTTP/1.1 keep-alive, one row per
-request, every reply checked), and reads the server-side split (queue, compute, mean batch size)
-from the statistics extension. Then it times onnxruntime called directly on the same core at batch
-sizes 1..64: the in-process limit. Prints a Markdown table.
+fixed concurrencies from another core (wrk for V2 JSON and V2 binary over HTTP/1.1 keep-alive,
+h2load for gRPC; one row per request, every reply checked), and reads the server-side split
+(queue, compute, mean batch size) from the statistics extension. Then it times onnxruntime called
+directly on the same core at batch sizes 1..64: the in-process limit. Prints a Markdown table.
 
-    apt-get install wrk          # the load generator
+    apt-get install wrk nghttp2-client          # the load generators (wrk, h2load)
     python loadtests/bench_batching.py --models mlp,minilm --concurrency 1,64 --duration 8
+    python loadtests/bench_batching.py --models add_sub --protocols json,binary,grpc
 
 Needs the example models (python model_repo/generate.py) and two cores for the pinning.
 """
@@ -17,12 +18,15 @@ Needs the example models (python model_repo/generate.py) and two cores for the p
 from __future__ import annotations
 
 import argparse
+import functools
 import http.client
 import json
 import os
+import re
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -96,13 +100,60 @@ def build_repo(model: str, repo: Path, batching: str = "dynamic_batching { }") -
         (repo / name / "config.pbtxt").write_text(f"max_batch_size: 64\n{THREADS}{extra}")
 
 
-def wrk(port: int, model: str, body: Path, marker: str, conns: int, seconds: float, cpu: str | None) -> dict:
+def wrk(port: int, model: str, body: Path, marker: str, conns: int, seconds: float, cpu: str | None,
+        header_length: int | None = None) -> dict:
     cmd = pinned(cpu, ["wrk", "-t1", f"-c{conns}", f"-d{max(1, round(seconds))}s", "--timeout", "30s", "-s", str(LUA),
                        f"http://127.0.0.1:{port}/v2/models/{model}/infer"])
-    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "BODY_FILE": str(body),
-                                                                    "MARKER": marker}, check=True).stdout
+    env = {**os.environ, "BODY_FILE": str(body), "MARKER": marker, "HDRLEN": str(header_length or "")}
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
     line = next(x for x in out.splitlines() if x.startswith("RESULT "))
     return json.loads(line[len("RESULT "):])
+
+
+def h2load(port: int, body: Path, conc: int, seconds: float, cpu: str | None, log: Path) -> dict:
+    """gRPC ModelInfer with h2load: `conc` streams in flight over up to 8 connections; replies checked
+    by status (h2load sees only HTTP status; a gRPC error still counts as sent, so the server's
+    statistics are the check: the caller compares successes)."""
+    conns = min(conc, 8)
+    cmd = pinned(cpu, ["h2load", "-t1", f"-c{conns}", f"-m{-(-conc // conns)}", f"-D{max(1, round(seconds))}",
+                       "-d", str(body), "-H", "content-type: application/grpc", "-H", "te: trailers",
+                       "--log-file", str(log),
+                       f"http://127.0.0.1:{port}/inference.GRPCInferenceService/ModelInfer"])
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    m = re.search(r"finished in ([\d.]+)(m?s)", out)
+    req = re.search(r"requests: (\d+) total, \d+ started, (\d+) done, (\d+) succeeded, (\d+) failed", out)
+    if not (m and req):
+        raise RuntimeError("h2load gave no result: " + out[-500:])
+    duration = float(m.group(1)) / (1000.0 if m.group(2) == "ms" else 1.0)
+    lats = sorted(int(x.split()[2]) for x in log.read_text().splitlines() if len(x.split()) >= 3)
+
+    def pct(q: float) -> int:
+        return lats[min(len(lats) - 1, int(q * len(lats)))] if lats else 0
+
+    return {"ok": int(req.group(3)), "duration_us": duration * 1e6, "bad": int(req.group(4)), "errors": 0,
+            "p50_us": pct(0.5), "p90_us": pct(0.9), "p99_us": pct(0.99)}
+
+
+def bodies(tmp: Path, body: dict, model: str) -> dict[str, tuple[Path, int | None]]:
+    """The same one-row request as V2 JSON, V2 binary and a framed gRPC ModelInferRequest."""
+    from server._proto import grpc_service_pb2 as pb
+
+    dtypes = {"INT32": np.int32, "INT64": np.int64, "FP32": np.float32}
+    arrays = [(i, np.array(i["data"], dtype=dtypes[i["datatype"]]).reshape(i["shape"])) for i in body["inputs"]]
+    header = json.dumps({"inputs": [{"name": i["name"], "datatype": i["datatype"], "shape": i["shape"],
+                                     "parameters": {"binary_data_size": a.nbytes}} for i, a in arrays],
+                         "parameters": {"binary_data_output": True}}).encode()
+    msg = pb.ModelInferRequest(model_name=f"{model}_batched")
+    for i, a in arrays:
+        msg.inputs.add(name=i["name"], datatype=i["datatype"], shape=i["shape"])
+        msg.raw_input_contents.append(a.tobytes())
+    raw = msg.SerializeToString()
+    out = {"json": (tmp / "body.json", None), "binary": (tmp / "body.bin", len(header)),
+           "grpc": (tmp / "body.grpc", None)}
+    out["json"][0].write_text(json.dumps(body))
+    out["binary"][0].write_bytes(header + b"".join(a.tobytes() for _, a in arrays))
+    out["grpc"][0].write_bytes(struct.pack(">BI", 0, len(raw)) + raw)
+    return out
 
 
 def wait_idle(port: int, model: str) -> None:
@@ -162,6 +213,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=float, default=2.0)
     ap.add_argument("--server-cpu", default="1", help="taskset list for the server and the in-process limit")
     ap.add_argument("--client-cpu", default="0", help="taskset list for wrk")
+    ap.add_argument("--protocols", default="json",
+                    help="comma-separated: json (V2 JSON), binary (V2 binary extension), "
+                         "grpc (h2load; the batched copy only)")
     ap.add_argument("--batching", default="dynamic_batching { }",
                     help="the batched copy's scheduling block, e.g. 'dynamic_batching { preferred_batch_size: [2] }'")
     a = ap.parse_args()
@@ -175,30 +229,42 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             repo = Path(tmp) / "repo"
             build_repo(model, repo, a.batching)
-            body_file = Path(tmp) / "body.json"
-            body_file.write_text(json.dumps(body))
-            port = free_port()
+            files = bodies(Path(tmp), body, model)
+            port, grpc_port = free_port(), free_port()
             log = open(Path(tmp) / "server.log", "wb")  # noqa: SIM115 (lives as long as the server)
             server = subprocess.Popen(pinned(a.server_cpu, [sys.executable, "-m", "server", "serve",
                                                             "--model-repository", str(repo), "--http-port",
-                                                            str(port), "--grpc-port", str(free_port())]),
+                                                            str(port), "--grpc-port", str(grpc_port)]),
                                       cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
             try:
                 wait_ready(port, server)
-                for variant in ("unbatched", "batched"):
-                    name = f"{model}_{variant}"
-                    for c in concurrencies:
-                        wait_idle(port, name)  # what the previous run left queued or executing
-                        wrk(port, name, body_file, marker, c, a.warmup, a.client_cpu)
-                        wait_idle(port, name)
-                        before = json.loads(http_get(port, f"/v2/models/{name}/stats")[1])["model_stats"][0]
-                        r = wrk(port, name, body_file, marker, c, a.duration, a.client_cpu)
-                        after = json.loads(http_get(port, f"/v2/models/{name}/stats")[1])["model_stats"][0]
-                        rps = r["ok"] / (r["duration_us"] / 1e6)
-                        rows.append({"model": model, "batching": variant == "batched", "c": c, "rps": rps,
-                                     "p50_ms": r["p50_us"] / 1e3, "p99_ms": r["p99_us"] / 1e3,
-                                     "failed": r["bad"] + r["errors"], **server_split(before, after)})
-                        print(json.dumps(rows[-1]), file=sys.stderr)
+                for protocol in a.protocols.split(","):
+                    for variant in ("unbatched", "batched") if protocol != "grpc" else ("batched",):
+                        name = f"{model}_{variant}"
+                        path, header_length = files[protocol]
+                        for c in concurrencies:
+                            if protocol == "grpc":
+                                load = functools.partial(h2load, grpc_port, path, c, cpu=a.client_cpu,
+                                                         log=Path(tmp) / "h2.log")
+                            else:
+                                load = functools.partial(wrk, port, name, path, marker, c, cpu=a.client_cpu,
+                                                         header_length=header_length)
+                            wait_idle(port, name)  # what the previous run left queued or executing
+                            load(seconds=a.warmup)
+                            wait_idle(port, name)
+                            before = json.loads(http_get(port, f"/v2/models/{name}/stats")[1])["model_stats"][0]
+                            r = load(seconds=a.duration)
+                            after = json.loads(http_get(port, f"/v2/models/{name}/stats")[1])["model_stats"][0]
+                            rps = r["ok"] / (r["duration_us"] / 1e6)
+                            split = server_split(before, after)
+                            if protocol == "grpc":  # h2load cannot read gRPC status: the server's count checks
+                                succeeded = after["inference_stats"]["success"]["count"]
+                                served = succeeded - before["inference_stats"]["success"]["count"]
+                                r["bad"] += max(0, r["ok"] - served - c)
+                            rows.append({"model": model, "protocol": protocol, "batching": variant == "batched",
+                                         "c": c, "rps": rps, "p50_ms": r["p50_us"] / 1e3, "p90_ms": r["p90_us"] / 1e3,
+                                         "p99_ms": r["p99_us"] / 1e3, "failed": r["bad"] + r["errors"], **split})
+                            print(json.dumps(rows[-1]), file=sys.stderr)
             finally:
                 server.send_signal(signal.SIGTERM)
                 server.wait(60)
@@ -206,17 +272,19 @@ def main() -> None:
         limits[model] = inprocess(model, body, [1, 2, 4, 8, 16, 32, 64], 2.0, a.server_cpu)
         print(json.dumps({"model": model, "inprocess_rows_per_s": limits[model]}), file=sys.stderr)
 
-    print("| model | batching | concurrency | req/s | p50 ms | p99 ms | failed | mean batch | queue us/req | "
-          "infer us/req | in-process at that batch | ratio | vs best in-process |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| model | protocol | batching | concurrency | req/s | p50 ms | p90 ms | p99 ms | failed | mean batch | "
+          "queue us/req | infer us/req | in-process at that batch | ratio | vs best in-process |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         lim = limits[r["model"]]
         best = max(lim.values())
         # the in-process rate at the largest measured batch size not above the server's mean batch
         at = lim[max(b for b in lim if b <= max(1.0, r["batch"]))]
-        print(f"| {r['model']} | {'on' if r['batching'] else 'off'} | {r['c']} | {r['rps']:,.0f} | {r['p50_ms']:.2f} | "
-              f"{r['p99_ms']:.2f} | {r['failed']} | {r['batch']:.1f} | {r['queue_us']:,.0f} | "
-              f"{r['infer_us']:,.0f} | {at:,.0f} | {r['rps'] / at:.2f} | {r['rps'] / best:.2f} |")
+        mode = "on" if r["batching"] else "off"
+        print(f"| {r['model']} | {r['protocol']} | {mode} | {r['c']} | {r['rps']:,.0f} | "
+              f"{r['p50_ms']:.2f} | {r['p90_ms']:.2f} | {r['p99_ms']:.2f} | {r['failed']} | {r['batch']:.1f} | "
+              f"{r['queue_us']:,.0f} | {r['infer_us']:,.0f} | {at:,.0f} | {r['rps'] / at:.2f} | "
+              f"{r['rps'] / best:.2f} |")
     print("\nIn-process onnxruntime on the server's core (rows/s by batch size):\n")
     sizes = sorted(next(iter(limits.values())))
     print("| model | " + " | ".join(f"b{b}" for b in sizes) + " | best |")
