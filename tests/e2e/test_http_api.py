@@ -308,3 +308,33 @@ def test_statistics_extension(client, server):
     assert len([m for m in every if m["name"] == "versioned"]) == 3
     status, _, body = server.request("GET", "/v2/models/nope/stats")
     assert status == 404 and b"nope" in body
+
+
+def test_expect_100_continue_gets_an_interim_response(server):
+    import socket
+
+    body = json.dumps({"inputs": [
+        {"name": "INPUT0", "datatype": "INT32", "shape": [1, 16], "data": [2] * 16},
+        {"name": "INPUT1", "datatype": "INT32", "shape": [1, 16], "data": [1] * 16}]}).encode()
+    with socket.create_connection(("127.0.0.1", server.http_port), timeout=10) as s:
+        s.sendall(b"POST /v2/models/add_sub/infer HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+                  b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n")
+        assert s.recv(1024) == b"HTTP/1.1 100 Continue\r\n\r\n"  # sent before the body is
+        s.sendall(body)
+        reply = b""
+        while b'"OUTPUT1"' not in reply:
+            reply += s.recv(65536)
+    assert reply.startswith(b"HTTP/1.1 200 OK") and b'"data":[3,3' in reply
+
+
+def test_http10_and_connection_close_and_query_strings(server):
+    import socket
+
+    for request in (b"GET /v2/health/live HTTP/1.0\r\n\r\n",
+                    b"GET /v2/health/live?x=1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"):
+        with socket.create_connection(("127.0.0.1", server.http_port), timeout=10) as s:
+            s.sendall(request)
+            data = b""
+            while chunk := s.recv(65536):  # the server closes the connection after the reply
+                data += chunk
+        assert data.startswith(b"HTTP/1.1 200 OK") and b"connection: close" in data.lower()
