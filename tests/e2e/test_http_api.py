@@ -338,3 +338,12 @@ def test_http10_and_connection_close_and_query_strings(server):
             while chunk := s.recv(65536):  # the server closes the connection after the reply
                 data += chunk
         assert data.startswith(b"HTTP/1.1 200 OK") and b"connection: close" in data.lower()
+
+
+def test_bf16_as_json_numbers(server):
+    values = [0.5, -1.25, 3.0, 0.0, 100.0, -0.125]  # exactly representable in bfloat16
+    body = json.dumps({"inputs": [{"name": "IN_BF16", "datatype": "BF16", "shape": [2, 3], "data": values}]})
+    status, _, raw = server.request("POST", "/v2/models/identity_bf16/infer", body.encode())
+    assert status == 200, raw
+    out = json.loads(raw)["outputs"][0]
+    assert out["datatype"] == "BF16" and out["shape"] == [2, 3] and out["data"] == values
