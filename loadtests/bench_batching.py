@@ -40,6 +40,8 @@ LUA = ROOT / "loadtests" / "wrk_v2.lua"
 THREADS = 'parameters { key: "intra_op_thread_count" value: { string_value: "1" } }\n' \
           'parameters { key: "inter_op_thread_count" value: { string_value: "1" } }\n'
 
+NUMPY = {"INT32": np.int32, "INT64": np.int64, "FP32": np.float32}  # the datatypes the samples use
+
 # model -> (V2 JSON body for one row, an output name every good reply contains)
 SAMPLES = {
     "add_sub": lambda: ({"inputs": [
@@ -138,8 +140,7 @@ def bodies(tmp: Path, body: dict, model: str) -> dict[str, tuple[Path, int | Non
     """The same one-row request as V2 JSON, V2 binary and a framed gRPC ModelInferRequest."""
     from server._proto import grpc_service_pb2 as pb
 
-    dtypes = {"INT32": np.int32, "INT64": np.int64, "FP32": np.float32}
-    arrays = [(i, np.array(i["data"], dtype=dtypes[i["datatype"]]).reshape(i["shape"])) for i in body["inputs"]]
+    arrays = [(i, np.array(i["data"], dtype=NUMPY[i["datatype"]]).reshape(i["shape"])) for i in body["inputs"]]
     header = json.dumps({"inputs": [{"name": i["name"], "datatype": i["datatype"], "shape": i["shape"],
                                      "parameters": {"binary_data_size": a.nbytes}} for i, a in arrays],
                          "parameters": {"binary_data_output": True}}).encode()
@@ -195,8 +196,7 @@ print(json.dumps(out))
 
 
 def inprocess(model: str, body: dict, sizes: list[int], seconds: float, cpu: str | None) -> dict[int, float]:
-    dtypes = {"INT32": "int32", "INT64": "int64", "FP32": "float32"}
-    sample = {i["name"]: (dtypes[i["datatype"]], np.array(i["data"]).reshape(i["shape"]).tolist())
+    sample = {i["name"]: (np.dtype(NUMPY[i["datatype"]]).name, np.array(i["data"]).reshape(i["shape"]).tolist())
               for i in body["inputs"]}
     path = ROOT / "model_repo" / model / "1" / "model.onnx"
     out = subprocess.run(pinned(cpu, [sys.executable, "-c", INPROCESS, str(path), ",".join(map(str, sizes)),

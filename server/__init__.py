@@ -1,7 +1,7 @@
 """fuserve: a KServe V2 / Triton-compatible inference server.
 
 The data path, one module per step:
-    frontends/ (HTTP, gRPC) -> codecs/ (decode) -> service -> scheduler -> backends/ -> codecs/ (encode)
+    frontends/ (HTTP, gRPC) -> codecs/ (decode) -> service -> batcher -> instances -> backends/ -> codecs/ (encode)
 `app.py` builds the pieces and owns the process lifecycle.
 """
 

@@ -307,10 +307,10 @@ class Batcher:
         self._schedule()
 
     def _answer(self, done: _Done) -> None:
-        if done.error is not None or done.parts is None:
+        if done.parts is None:  # the execution failed: so do its requests
             for p in done.batch:
                 if not p.future.done():
-                    p.future.set_exception(done.error or BackendError("execution produced no outputs"))
+                    p.future.set_exception(done.error or BackendError("the execution produced no outputs"))
             return
         input_ns, infer_ns, output_ns = done.timings
         self.stats.record_execution(done.rows, input_ns, infer_ns, output_ns)

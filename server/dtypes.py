@@ -37,12 +37,4 @@ _TABLE = [
 BY_V2: dict[str, DType] = {d.v2: d for d in _TABLE}
 BY_CONFIG: dict[str, DType] = {d.config: d for d in _TABLE}
 BY_ONNX: dict[str, DType] = {d.onnx: d for d in _TABLE}
-BY_NUMPY: dict[np.dtype, DType] = {d.numpy: d for d in _TABLE if d.v2 != "BYTES"}
 BYTES = BY_V2["BYTES"]
-
-
-def from_numpy(dtype: np.dtype) -> DType:
-    """The V2 datatype of a numpy array; str/bytes/object arrays are BYTES."""
-    if dtype.kind in "OSU":
-        return BYTES
-    return BY_NUMPY[dtype]

@@ -106,10 +106,6 @@ class ModelSpec:
     # None: each request executes on its own (no dynamic_batching block, or max_batch_size 0).
     dynamic_batching: BatchingSpec | None = None
 
-    @property
-    def batching(self) -> bool:
-        return self.max_batch_size > 0
-
 
 def read_config(model_dir: Path) -> ModelConfig:
     """Parse `model_dir/config.pbtxt`; an absent file gives an empty config for auto-complete."""

@@ -33,7 +33,7 @@ from .stats import ModelStats
 
 log = logging.getLogger(__name__)
 
-READY, UNAVAILABLE, LOADING, UNLOADING = "READY", "UNAVAILABLE", "LOADING", "UNLOADING"
+READY, UNAVAILABLE, LOADING = "READY", "UNAVAILABLE", "LOADING"
 # config parameter (in the served config) naming the execution providers in use
 PROVIDERS_PARAMETER = "fuserve_execution_providers"
 

@@ -207,7 +207,7 @@ class InferenceService:
             self.repository.get(name)  # NotFound for an unknown model
             versions = [mv for mv in self.repository.ready_models() if mv.name == name]
         ordered = sorted(versions, key=lambda m: (m.name, m.version))
-        return {"model_stats": [mv.stats.as_dict_with_queue(mv.batcher.queued, mv.batcher.executing_requests)
+        return {"model_stats": [mv.stats.as_dict(mv.batcher.queued, mv.batcher.executing_requests)
                                 for mv in ordered]}
 
     async def drain(self) -> None:

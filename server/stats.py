@@ -128,8 +128,10 @@ class ModelStats:
         self.fail.add(total_ns)
         self.failures[reason] += 1
 
-    def as_dict(self) -> dict:
-        """Triton's JSON form (the gRPC ModelStatistics message has the same field names)."""
+    def as_dict(self, pending: int, executing: int) -> dict:
+        """Triton's JSON form (the gRPC ModelStatistics message has the same field names), plus
+        fuserve's own fields (the gRPC frontend drops them): requests queued and executing now, and
+        requests cancelled while queued so far."""
         zero = {"count": 0, "ns": 0}
         return {
             "name": self.name,
@@ -153,13 +155,7 @@ class ModelStats:
                 for size, b in sorted(self.by_batch_size.items())
             ],
             "memory_usage": [],
+            "fuserve_pending": pending,
+            "fuserve_executing": executing,
+            "fuserve_cancelled": self.cancelled,
         }
-
-    def as_dict_with_queue(self, pending: int, executing: int) -> dict:
-        """`as_dict` plus fuserve's own fields (HTTP only): requests queued and executing now, and
-        requests cancelled while queued so far."""
-        d = self.as_dict()
-        d["fuserve_pending"] = pending
-        d["fuserve_executing"] = executing
-        d["fuserve_cancelled"] = self.cancelled
-        return d

@@ -188,9 +188,10 @@ def test_exec_count_below_inference_count_under_batching(metrics_server):
 
 def test_unknown_model_names_add_no_label_sets(metrics_server):
     before = metrics_server.metrics()
-    for k in range(50):
-        status, _, _ = metrics_server.request("POST", f"/v2/models/ghost{k}/infer", b'{"inputs": []}')
-        assert status in (400, 404)
+    body = json.dumps({"inputs": [{"name": "INPUT0", "datatype": "INT32", "shape": [1, 16], "data": [0] * 16}]})
+    for k in range(50):  # well-formed requests, so each one reaches the model lookup
+        status, _, reply = metrics_server.request("POST", f"/v2/models/ghost{k}/infer", body.encode())
+        assert status == 404 and f"ghost{k}".encode() in reply
     after = metrics_server.metrics()
     assert sum(len(f.samples) for f in after.values() if f.name.startswith(("nv_inference", "fuserve"))) == \
         sum(len(f.samples) for f in before.values() if f.name.startswith(("nv_inference", "fuserve")))

@@ -83,7 +83,7 @@ def test_build_spec_resolves_dtypes_and_indexes():
     done = autocomplete(ModelConfig(), IO, name="m", default_max_batch_size=4, where="w")
     spec = build_spec(done, "onnxruntime", instance_specs(done, 0), "w")
     assert spec.input_index["x"].dtype is FP32 and spec.input_index["ids"].dims == (-1,)
-    assert spec.platform == "onnxruntime_onnx" and spec.batching
+    assert spec.platform == "onnxruntime_onnx" and spec.max_batch_size == 4 and spec.dynamic_batching is not None
     with pytest.raises(TypeError):
         spec.input_index["z"] = spec.input_index["x"]  # frozen mapping
 
