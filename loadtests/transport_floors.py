@@ -5,6 +5,7 @@
     python loadtests/transport_floors.py uvicorn PORT    # uvicorn + httptools + uvloop, bare ASGI app
     python loadtests/transport_floors.py grpc-aio PORT   # grpcio's grpc.aio, canned ModelInferResponse
     python loadtests/transport_floors.py h2 PORT         # pure-Python `h2` library, same reply
+    python loadtests/transport_floors.py ours-grpc PORT  # fuserve's gRPC transport, same reply
 
 Pin it (`taskset -c 1`) and drive it from the other core: wrk with wrk_v2.lua for HTTP, h2load for
 gRPC (see docs/perf.md, "Choosing the transports"). uvicorn and h2 are not fuserve dependencies:
@@ -119,5 +120,26 @@ def h2(port: int) -> None:
     uvloop.run(main())
 
 
+def ours_grpc(port: int) -> None:
+    import uvloop
+
+    from server._proto import grpc_service_pb2 as pb
+    from server.frontends.grpc_server import GrpcServer, Method
+
+    reply = pb.ModelInferResponse.FromString(_canned_grpc())
+
+    async def infer(request: object) -> object:
+        return reply
+
+    async def main() -> None:
+        methods = {"/inference.GRPCInferenceService/ModelInfer": Method(pb.ModelInferRequest.FromString, infer)}
+        server = GrpcServer(methods, max_message=1 << 26, error_status=lambda exc: (13, str(exc)))
+        await server.start("127.0.0.1", port)
+        await asyncio.Event().wait()
+
+    uvloop.run(main())
+
+
 if __name__ == "__main__":
-    {"ours": ours, "uvicorn": uvicorn, "grpc-aio": grpc_aio, "h2": h2}[sys.argv[1]](int(sys.argv[2]))
+    servers = {"ours": ours, "ours-grpc": ours_grpc, "uvicorn": uvicorn, "grpc-aio": grpc_aio, "h2": h2}
+    servers[sys.argv[1]](int(sys.argv[2]))

@@ -1,68 +1,79 @@
-"""KServe V2 gRPC (Triton's `inference.GRPCInferenceService`) on grpc.aio.
+"""KServe V2 gRPC: Triton's `inference.GRPCInferenceService`, served by `frontends/grpc_server.py`.
 
 Each method converts the message in, calls the service, converts out. Errors from the tree in
-`server.errors` become the class's gRPC status code in `_unary` (and, on the stream, an
-`error_message` on that request's reply), nowhere else. Methods fuserve does not offer (shared
-memory, trace, logging) are left to the generated base class, which answers UNIMPLEMENTED.
+`server.errors` become the class's gRPC status code in `error_status` (and, on the stream, an
+`error_message` on that request's reply), nowhere else. The methods fuserve does not offer (shared
+memory, trace, logging) answer UNIMPLEMENTED naming the method.
 """
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-import grpc
 from google.protobuf import json_format
 
 from .._proto import grpc_service_pb2 as pb
-from .._proto import grpc_service_pb2_grpc as pb_grpc
 from ..codecs import v2_proto
-from ..errors import ServerError, as_server_error
+from ..errors import ServerError, Unsupported, as_server_error
 from ..service import InferenceService
+from .grpc_server import GrpcServer, Method
 
 log = logging.getLogger(__name__)
 
-
-def _unary(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-    @functools.wraps(method)
-    async def wrapper(self: GrpcFrontend, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        try:
-            return await method(self, request, context)
-        except Exception as exc:
-            err = as_server_error(exc)
-            if type(err) is ServerError:
-                log.error("internal error in %s: %s", method.__name__, err.message)
-            await context.abort(err.grpc_code, err.message)
-
-    return wrapper
+SERVICE = "/inference.GRPCInferenceService/"
+_NOT_OFFERED = ("SystemSharedMemoryStatus", "SystemSharedMemoryRegister", "SystemSharedMemoryUnregister",
+                "CudaSharedMemoryStatus", "CudaSharedMemoryRegister", "CudaSharedMemoryUnregister",
+                "TraceSetting", "LogSettings")
 
 
-class GrpcFrontend(pb_grpc.GRPCInferenceServiceServicer):
+def error_status(exc: BaseException) -> tuple[int, str]:
+    err = as_server_error(exc)
+    if type(err) is ServerError:
+        log.error("internal error in a gRPC call: %s", err.message)
+    return err.grpc_code.value[0], err.message
+
+
+class GrpcFrontend:
     def __init__(self, service: InferenceService) -> None:
         self.service = service
 
-    @_unary
-    async def ServerLive(self, request: pb.ServerLiveRequest, context: Any) -> pb.ServerLiveResponse:
+    def methods(self) -> dict[str, Method]:
+        handlers: dict[str, tuple[Any, Callable[[Any], Awaitable[Any]]]] = {
+            "ServerLive": (pb.ServerLiveRequest, self.server_live),
+            "ServerReady": (pb.ServerReadyRequest, self.server_ready),
+            "ModelReady": (pb.ModelReadyRequest, self.model_ready),
+            "ServerMetadata": (pb.ServerMetadataRequest, self.server_metadata),
+            "ModelMetadata": (pb.ModelMetadataRequest, self.model_metadata),
+            "ModelConfig": (pb.ModelConfigRequest, self.model_config),
+            "ModelInfer": (pb.ModelInferRequest, self.model_infer),
+            "ModelStatistics": (pb.ModelStatisticsRequest, self.model_statistics),
+            "RepositoryIndex": (pb.RepositoryIndexRequest, self.repository_index),
+            "RepositoryModelLoad": (pb.RepositoryModelLoadRequest, self.repository_model_load),
+            "RepositoryModelUnload": (pb.RepositoryModelUnloadRequest, self.repository_model_unload),
+        }
+        methods = {SERVICE + name: Method(cls.FromString, call) for name, (cls, call) in handlers.items()}
+        methods[SERVICE + "ModelStreamInfer"] = Method(pb.ModelInferRequest.FromString, self.stream_infer,
+                                                      streaming=True)
+        for name in _NOT_OFFERED:
+            methods[SERVICE + name] = Method(lambda data: data, _not_offered(name))
+        return methods
+
+    async def server_live(self, request: pb.ServerLiveRequest) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=self.service.live)
 
-    @_unary
-    async def ServerReady(self, request: pb.ServerReadyRequest, context: Any) -> pb.ServerReadyResponse:
+    async def server_ready(self, request: pb.ServerReadyRequest) -> pb.ServerReadyResponse:
         return pb.ServerReadyResponse(ready=self.service.server_ready())
 
-    @_unary
-    async def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:
+    async def model_ready(self, request: pb.ModelReadyRequest) -> pb.ModelReadyResponse:
         return pb.ModelReadyResponse(ready=self.service.model_ready(request.name, request.version))
 
-    @_unary
-    async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Any) -> pb.ServerMetadataResponse:
+    async def server_metadata(self, request: pb.ServerMetadataRequest) -> pb.ServerMetadataResponse:
         md = self.service.server_metadata()
         return pb.ServerMetadataResponse(name=md["name"], version=md["version"], extensions=md["extensions"])
 
-    @_unary
-    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Any) -> pb.ModelMetadataResponse:
+    async def model_metadata(self, request: pb.ModelMetadataRequest) -> pb.ModelMetadataResponse:
         md = self.service.model_metadata(request.name, request.version)
         tm = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
@@ -71,84 +82,50 @@ class GrpcFrontend(pb_grpc.GRPCInferenceServiceServicer):
             outputs=[tm(name=t.name, datatype=t.datatype, shape=t.shape) for t in md.outputs],
         )
 
-    @_unary
-    async def ModelConfig(self, request: pb.ModelConfigRequest, context: Any) -> pb.ModelConfigResponse:
+    async def model_config(self, request: pb.ModelConfigRequest) -> pb.ModelConfigResponse:
         return pb.ModelConfigResponse(config=self.service.model_config(request.name, request.version))
 
-    @_unary
-    async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
+    async def model_infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
         response = await self.service.infer(v2_proto.decode_request(request))
         return v2_proto.encode_response(response)
 
-    async def ModelStreamInfer(self, request_iterator: AsyncIterator[pb.ModelInferRequest],
-                               context: Any) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        """Each request is answered on the stream as it completes; a bad one errors only itself."""
-        replies: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
-
-        async def answer(msg: pb.ModelInferRequest) -> None:
-            try:
-                response = await self.service.infer(v2_proto.decode_request(msg))
-                reply = pb.ModelStreamInferResponse(infer_response=v2_proto.encode_response(response))
-            except Exception as exc:
-                reply = pb.ModelStreamInferResponse(
-                    error_message=as_server_error(exc).message,
-                    infer_response=pb.ModelInferResponse(id=msg.id, model_name=msg.model_name,
-                                                         model_version=msg.model_version))
-            await replies.put(reply)
-
-        async def read_all() -> None:
-            pending: set[asyncio.Task] = set()
-            try:
-                async for msg in request_iterator:
-                    task = asyncio.ensure_future(answer(msg))
-                    pending.add(task)
-                    task.add_done_callback(pending.discard)
-                if pending:
-                    await asyncio.gather(*pending)
-            finally:
-                await replies.put(None)
-
-        reader = asyncio.ensure_future(read_all())
+    async def stream_infer(self, request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
+        """One request on ModelStreamInfer: a failure becomes this reply's error_message, and the
+        stream goes on."""
         try:
-            while (reply := await replies.get()) is not None:
-                yield reply
-        finally:
-            reader.cancel()
+            response = await self.service.infer(v2_proto.decode_request(request))
+            return pb.ModelStreamInferResponse(infer_response=v2_proto.encode_response(response))
+        except Exception as exc:
+            return pb.ModelStreamInferResponse(
+                error_message=as_server_error(exc).message,
+                infer_response=pb.ModelInferResponse(id=request.id, model_name=request.model_name,
+                                                     model_version=request.model_version))
 
-    @_unary
-    async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Any) -> pb.ModelStatisticsResponse:
+    async def model_statistics(self, request: pb.ModelStatisticsRequest) -> pb.ModelStatisticsResponse:
         stats = self.service.statistics(request.name, request.version)
         return json_format.ParseDict(stats, pb.ModelStatisticsResponse(), ignore_unknown_fields=True)
 
-    @_unary
-    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: Any) -> pb.RepositoryIndexResponse:
+    async def repository_index(self, request: pb.RepositoryIndexRequest) -> pb.RepositoryIndexResponse:
         index = pb.RepositoryIndexResponse.ModelIndex
         rows = self.service.repository_index(request.ready)
         return pb.RepositoryIndexResponse(models=[index(**row) for row in rows])
 
-    @_unary
-    async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest,
-                                  context: Any) -> pb.RepositoryModelLoadResponse:
+    async def repository_model_load(self, request: pb.RepositoryModelLoadRequest) -> pb.RepositoryModelLoadResponse:
         await self.service.load_model(request.model_name, v2_proto.parameters_from_proto(request.parameters))
         return pb.RepositoryModelLoadResponse()
 
-    @_unary
-    async def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest,
-                                    context: Any) -> pb.RepositoryModelUnloadResponse:
+    async def repository_model_unload(self,
+                                      request: pb.RepositoryModelUnloadRequest) -> pb.RepositoryModelUnloadResponse:
         await self.service.unload_model(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 
 
-async def start_grpc(service: InferenceService, address: str, port: int,
-                     max_message: int) -> tuple[grpc.aio.Server, int]:
-    server = grpc.aio.server(options=[
-        ("grpc.max_receive_message_length", max_message),
-        ("grpc.max_send_message_length", -1),
-        ("grpc.so_reuseport", 0),
-    ])
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(GrpcFrontend(service), server)
-    bound = server.add_insecure_port(f"{address}:{port}")
-    if bound == 0:
-        raise OSError(f"cannot bind gRPC to {address}:{port}")
-    await server.start()
-    return server, bound
+def _not_offered(name: str) -> Callable[[Any], Awaitable[Any]]:
+    async def call(request: Any) -> Any:
+        raise Unsupported(f"{name} is not supported by fuserve (no shared-memory, trace or log-settings extensions)")
+    return call
+
+
+async def start_grpc(service: InferenceService, address: str, port: int, max_message: int) -> tuple[GrpcServer, int]:
+    server = GrpcServer(GrpcFrontend(service).methods(), max_message=max_message, error_status=error_status)
+    return server, await server.start(address, port)

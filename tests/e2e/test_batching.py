@@ -11,6 +11,7 @@ import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+import grpc
 import model_builders as mb
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as aiogrpcclient
 import tritonclient.http as httpclient
 from conftest import wait_until
+from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 W = mb.ECHO_WIDTH
@@ -291,9 +293,9 @@ def test_sigterm_with_a_full_queue_answers_every_admitted_request(start_server, 
     assert p.proc.wait(60) == 0
 
 
-def test_grpc_deadline_cancels_the_queued_request(batching_server):
-    server = batching_server
-    before = stats(server, "bounded")
+def occupy_bounded(server) -> threading.Thread:
+    """Starts one long request on `bounded` (one instance, batch 1) and waits until it executes, so the
+    next request waits in the queue."""
     done = threading.Event()
 
     def blocker() -> None:
@@ -306,6 +308,48 @@ def test_grpc_deadline_cancels_the_queued_request(batching_server):
     t.start()
     wait_until(lambda: stats(server, "bounded")["fuserve_executing"] > 0 or done.is_set(), what="the blocker")
     assert not done.is_set()
+    return t
+
+
+def test_grpc_cancel_drops_the_queued_request(batching_server):
+    """A client that cancels its call (HTTP/2 RST_STREAM) gets its queued request dropped, not run."""
+    server = batching_server
+    before = stats(server, "bounded")
+    t = occupy_bounded(server)
+
+    async def cancel_one() -> None:
+        request = service_pb2.ModelInferRequest(model_name="bounded")
+        for name, cols in (("INPUT", 3), ("WORK", W)):
+            request.inputs.add(name=name, datatype="FP32", shape=[1, cols])
+            request.raw_input_contents.append(np.ones((1, cols), np.float32).tobytes())
+        async with grpc.aio.insecure_channel(server.grpc_url) as channel:
+            call = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request)
+            for _ in range(500):  # until the request is queued (the loop must run to send it)
+                if stats(server, "bounded")["fuserve_pending"] > 0:
+                    break
+                await asyncio.sleep(0.02)
+            assert stats(server, "bounded")["fuserve_pending"] > 0
+            call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await call
+            for _ in range(250):  # the connection stays open: the RST_STREAM alone must drop the request
+                if stats(server, "bounded")["fuserve_cancelled"] > before["fuserve_cancelled"]:
+                    break
+                await asyncio.sleep(0.02)
+            assert stats(server, "bounded")["fuserve_cancelled"] == before["fuserve_cancelled"] + 1
+
+    asyncio.run(cancel_one())
+    t.join(60)
+    wait_until(lambda: stats(server, "bounded")["fuserve_pending"] == 0, what="an empty queue")
+    after = stats(server, "bounded")
+    assert after["fuserve_cancelled"] == before["fuserve_cancelled"] + 1
+    assert after["inference_count"] == before["inference_count"] + 1  # only the blocker ran
+
+
+def test_grpc_deadline_cancels_the_queued_request(batching_server):
+    server = batching_server
+    before = stats(server, "bounded")
+    t = occupy_bounded(server)
     c = grpcclient.InferenceServerClient(server.grpc_url)
     with pytest.raises(InferenceServerException) as e:
         c.infer("bounded", http_inputs(np.ones((1, 3), np.float32), grpcclient), client_timeout=0.02)
