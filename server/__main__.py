@@ -77,7 +77,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not complete missing config.pbtxt fields from the model file")
     s.add_argument("--default-max-batch-size", type=int, default=4, metavar="N",
                    help="max_batch_size that auto-complete gives a batchable model without one (default 4)")
+    s.add_argument("--frontend-workers", type=_non_negative, default=0, metavar="N",
+                   help="serve HTTP and gRPC from N worker processes that share one scheduler (this process: "
+                        "models, batchers, statistics); use about one per core beyond the first (default 0: "
+                        "one process does everything)")
     return parser
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
@@ -105,6 +116,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_input_size=args.max_input_size,
         default_max_batch_size=args.default_max_batch_size,
         disable_auto_complete_config=args.disable_auto_complete_config,
+        frontend_workers=args.frontend_workers,
     )
 
 

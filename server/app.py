@@ -13,15 +13,18 @@ import contextlib
 import gc
 import logging
 import signal
+import socket
 
 from .config import ServerConfig
-from .frontends.grpc_service import start_grpc
+from .frontends.grpc_service import GrpcFrontend, start_grpc
+from .frontends.grpc_service import error_status as grpc_error_status
 from .frontends.http_server import HttpServer
 from .frontends.metrics_http import MetricsFrontend
 from .frontends.rest import RestFrontend, error_body
 from .metrics import MetricsPoller, ServerMetrics
 from .repository import Repository
 from .service import InferenceService
+from .workers import WorkerEndpoint, WorkerPool, reuseport_socket
 
 log = logging.getLogger("fuserve")
 
@@ -33,6 +36,27 @@ async def _poll(repository: Repository, interval: float) -> None:
             await repository.poll_once()
         except Exception:
             log.exception("repository poll failed")
+
+
+async def _start_workers(config: ServerConfig, service: InferenceService,
+                         shared: dict[str, socket.socket]) -> WorkerPool:
+    """Hold the ports here, start the workers listening on them, and answer their links."""
+    if config.allow_http:
+        shared["http"] = reuseport_socket(config.http_address, config.http_port)
+    if config.allow_grpc:
+        shared["grpc"] = reuseport_socket(config.grpc_address, config.grpc_port)
+    rest = RestFrontend(service).handle
+    methods = GrpcFrontend(service).methods()
+    pool = WorkerPool(config.frontend_workers, shared,
+                      lambda: WorkerEndpoint(service, rest, methods, grpc_error_status),
+                      max_input_size=config.max_input_size, log_verbose=config.log_verbose)
+    await pool.start()
+    for name, sock in shared.items():
+        host, port = sock.getsockname()[:2]
+        log.info("%s listening on %s:%d, served by %d frontend worker processes",
+                 "HTTP (KServe V2 REST)" if name == "http" else "gRPC (KServe V2)", host, port,
+                 config.frontend_workers)
+    return pool
 
 
 async def serve(config: ServerConfig) -> int:
@@ -60,12 +84,16 @@ async def serve(config: ServerConfig) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    pool: WorkerPool | None = None
+    shared: dict[str, socket.socket] = {}
     try:
-        if config.allow_http:
+        if config.frontend_workers > 0:
+            pool = await _start_workers(config, service, shared)
+        if config.allow_http and pool is None:
             http = HttpServer(RestFrontend(service).handle, max_body=config.max_input_size, error_body=error_body)
             port = await http.start(config.http_address, config.http_port)
             log.info("HTTP (KServe V2 REST) listening on %s:%d", config.http_address, port)
-        if config.allow_grpc:
+        if config.allow_grpc and pool is None:
             grpc_server, port = await start_grpc(service, config.grpc_address, config.grpc_port,
                                                  config.max_input_size)
             log.info("gRPC (KServe V2) listening on %s:%d", config.grpc_address, port)
@@ -77,11 +105,15 @@ async def serve(config: ServerConfig) -> int:
             port = await metrics_http.start(config.metrics_address, config.metrics_port)
             poller_task = asyncio.create_task(poller.run())
             log.info("metrics (Prometheus) listening on %s:%d/metrics", config.metrics_address, port)
-    except OSError as exc:
-        log.error("cannot start: %s", exc)
+    except (OSError, asyncio.TimeoutError) as exc:
+        log.error("cannot start: %s", exc or "frontend workers did not start in time")
         for server in (http, metrics_http):
             if server is not None:
                 await server.stop()
+        if pool is not None:
+            await pool.stop()
+        for sock in shared.values():
+            sock.close()
         await repository.close()
         return 1
 
@@ -104,6 +136,10 @@ async def serve(config: ServerConfig) -> int:
         await asyncio.wait_for(service.drain(), config.exit_timeout_secs)
     except asyncio.TimeoutError:
         log.warning("exit timeout reached with requests still in flight")
+    if pool is not None:
+        await pool.stop()
+        for sock in shared.values():
+            sock.close()
     if grpc_server is not None:
         await grpc_server.stop(grace=1.0)
     for server in (http, metrics_http):

@@ -36,3 +36,6 @@ class ServerConfig:
     # Triton's auto-complete gives batchable models without a config this max_batch_size.
     default_max_batch_size: int = 4
     disable_auto_complete_config: bool = False
+    # 0: this process serves HTTP and gRPC itself. N > 0: N frontend worker processes serve them and
+    # hand inference to this one, which keeps the models and batchers (docs/architecture.md).
+    frontend_workers: int = 0

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import struct
 import zlib
 from collections.abc import Awaitable, Callable
@@ -678,10 +679,14 @@ class GrpcServer:
         self._server: asyncio.Server | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
 
-    async def start(self, host: str, port: int) -> int:
+    async def start(self, host: str, port: int, sock: socket.socket | None = None) -> int:
+        """Listen on host:port, or accept on `sock`, a listening socket shared with other processes."""
         loop = self.loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: GrpcProtocol(self), host, port, backlog=2048,
-                                                reuse_address=True)
+        if sock is not None:
+            self._server = await loop.create_server(lambda: GrpcProtocol(self), sock=sock, backlog=2048)
+        else:
+            self._server = await loop.create_server(lambda: GrpcProtocol(self), host, port, backlog=2048,
+                                                    reuse_address=True)
         return int(self._server.sockets[0].getsockname()[1])
 
     async def stop(self, grace: float = 1.0) -> None:

@@ -18,6 +18,7 @@ from .._proto import grpc_service_pb2 as pb
 from ..codecs import v2_proto
 from ..errors import ServerError, Unsupported, as_server_error
 from ..service import InferenceService
+from ..types import InferRequest, InferResponse
 from .grpc_server import GrpcServer, Method
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,38 @@ def error_status(exc: BaseException) -> tuple[int, str]:
     return err.grpc_code.value[0], err.message
 
 
+Infer = Callable[[InferRequest], Awaitable[InferResponse]]
+
+
+class GrpcInfer:
+    """ModelInfer and ModelStreamInfer around an `infer` call: the service's own, or (in a frontend
+    worker process) the link to the scheduler process."""
+
+    def __init__(self, infer: Infer) -> None:
+        self.infer = infer
+
+    def methods(self) -> dict[str, Method]:
+        return {SERVICE + "ModelInfer": Method(pb.ModelInferRequest.FromString, self.model_infer),
+                SERVICE + "ModelStreamInfer": Method(pb.ModelInferRequest.FromString, self.stream_infer,
+                                                     streaming=True)}
+
+    async def model_infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+        response = await self.infer(v2_proto.decode_request(request))
+        return v2_proto.encode_response(response)
+
+    async def stream_infer(self, request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
+        """One request on ModelStreamInfer: a failure becomes this reply's error_message, and the
+        stream goes on."""
+        try:
+            response = await self.infer(v2_proto.decode_request(request))
+            return pb.ModelStreamInferResponse(infer_response=v2_proto.encode_response(response))
+        except Exception as exc:
+            return pb.ModelStreamInferResponse(
+                error_message=as_server_error(exc).message,
+                infer_response=pb.ModelInferResponse(id=request.id, model_name=request.model_name,
+                                                     model_version=request.model_version))
+
+
 class GrpcFrontend:
     def __init__(self, service: InferenceService) -> None:
         self.service = service
@@ -47,15 +80,13 @@ class GrpcFrontend:
             "ServerMetadata": (pb.ServerMetadataRequest, self.server_metadata),
             "ModelMetadata": (pb.ModelMetadataRequest, self.model_metadata),
             "ModelConfig": (pb.ModelConfigRequest, self.model_config),
-            "ModelInfer": (pb.ModelInferRequest, self.model_infer),
             "ModelStatistics": (pb.ModelStatisticsRequest, self.model_statistics),
             "RepositoryIndex": (pb.RepositoryIndexRequest, self.repository_index),
             "RepositoryModelLoad": (pb.RepositoryModelLoadRequest, self.repository_model_load),
             "RepositoryModelUnload": (pb.RepositoryModelUnloadRequest, self.repository_model_unload),
         }
         methods = {SERVICE + name: Method(cls.FromString, call) for name, (cls, call) in handlers.items()}
-        methods[SERVICE + "ModelStreamInfer"] = Method(pb.ModelInferRequest.FromString, self.stream_infer,
-                                                      streaming=True)
+        methods.update(GrpcInfer(self.service.infer).methods())
         for name in _NOT_OFFERED:
             methods[SERVICE + name] = Method(lambda data: data, _not_offered(name))
         return methods
@@ -84,22 +115,6 @@ class GrpcFrontend:
 
     async def model_config(self, request: pb.ModelConfigRequest) -> pb.ModelConfigResponse:
         return pb.ModelConfigResponse(config=self.service.model_config(request.name, request.version))
-
-    async def model_infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
-        response = await self.service.infer(v2_proto.decode_request(request))
-        return v2_proto.encode_response(response)
-
-    async def stream_infer(self, request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
-        """One request on ModelStreamInfer: a failure becomes this reply's error_message, and the
-        stream goes on."""
-        try:
-            response = await self.service.infer(v2_proto.decode_request(request))
-            return pb.ModelStreamInferResponse(infer_response=v2_proto.encode_response(response))
-        except Exception as exc:
-            return pb.ModelStreamInferResponse(
-                error_message=as_server_error(exc).message,
-                infer_response=pb.ModelInferResponse(id=request.id, model_name=request.model_name,
-                                                     model_version=request.model_version))
 
     async def model_statistics(self, request: pb.ModelStatisticsRequest) -> pb.ModelStatisticsResponse:
         stats = self.service.statistics(request.name, request.version)

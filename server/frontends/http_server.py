@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 import zlib
 from collections import deque
@@ -239,10 +240,14 @@ class HttpServer:
         self._server: asyncio.Server | None = None
         self.loop: asyncio.AbstractEventLoop | None = None  # set by start()
 
-    async def start(self, host: str, port: int) -> int:
+    async def start(self, host: str, port: int, sock: socket.socket | None = None) -> int:
+        """Listen on host:port, or accept on `sock`, a listening socket shared with other processes."""
         loop = self.loop = asyncio.get_running_loop()  # kept: get_running_loop() costs a getpid()
-        self._server = await loop.create_server(lambda: HttpProtocol(self), host, port, backlog=2048,
-                                                reuse_address=True)
+        if sock is not None:
+            self._server = await loop.create_server(lambda: HttpProtocol(self), sock=sock, backlog=2048)
+        else:
+            self._server = await loop.create_server(lambda: HttpProtocol(self), host, port, backlog=2048,
+                                                    reuse_address=True)
         return int(self._server.sockets[0].getsockname()[1])
 
     async def stop(self) -> None:

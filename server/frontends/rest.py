@@ -16,6 +16,7 @@ from ..codecs import v2_json
 from ..errors import InvalidArgument, NotFound, ServerError, as_server_error
 from ..model_config import config_to_json
 from ..service import InferenceService
+from ..types import InferRequest, InferResponse
 from .http_server import HttpRequest, HttpResponse
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,37 @@ def _error_response(exc: BaseException) -> HttpResponse:
 
 def _json(obj: object) -> HttpResponse:
     return HttpResponse(200, orjson.dumps(obj))
+
+
+def infer_target(request: HttpRequest) -> tuple[str, str] | None:
+    """(model, version) when `request` is `POST /v2/models/<m>[/versions/<v>]/infer`, else None."""
+    if request.method != "POST":
+        return None
+    parts = request.path.strip("/").split("/")
+    if "%" in request.path:
+        parts = [unquote(p) for p in parts]
+    if len(parts) == 4 and parts[:2] == ["v2", "models"] and parts[3] == "infer":
+        return parts[2], ""
+    if len(parts) == 6 and parts[:2] == ["v2", "models"] and parts[3] == "versions" and parts[5] == "infer":
+        return parts[2], parts[4]
+    return None
+
+
+async def infer_endpoint(request: HttpRequest, name: str, version: str,
+                         infer: Callable[[InferRequest], Awaitable[InferResponse]]) -> HttpResponse:
+    """The infer endpoint: decode (JSON or binary extension), `infer`, encode."""
+    header_length = request.headers.get(_HEADER_LENGTH)
+    hl: int | None = None
+    if header_length is not None:
+        if not header_length.isdigit():
+            raise InvalidArgument(f"Inference-Header-Content-Length must be an integer, got '{header_length}'")
+        hl = int(header_length)
+    infer_request = v2_json.decode_request(request.body, hl, name, version)
+    infer_response = await infer(infer_request)
+    body, json_length = v2_json.encode_response(infer_response, infer_request)
+    if json_length is None:
+        return HttpResponse(200, body)
+    return HttpResponse(200, body, _BINARY, [(b"inference-header-content-length", str(json_length).encode())])
 
 
 class RestFrontend:
@@ -101,18 +133,7 @@ class RestFrontend:
     # ---- model endpoints ---------------------------------------------------------------------
 
     async def _infer(self, request: HttpRequest, name: str, version: str) -> HttpResponse:
-        header_length = request.headers.get(_HEADER_LENGTH)
-        hl: int | None = None
-        if header_length is not None:
-            if not header_length.isdigit():
-                raise InvalidArgument(f"Inference-Header-Content-Length must be an integer, got '{header_length}'")
-            hl = int(header_length)
-        infer_request = v2_json.decode_request(request.body, hl, name, version)
-        infer_response = await self.service.infer(infer_request)
-        body, json_length = v2_json.encode_response(infer_response, infer_request)
-        if json_length is None:
-            return HttpResponse(200, body)
-        return HttpResponse(200, body, _BINARY, [(b"inference-header-content-length", str(json_length).encode())])
+        return await infer_endpoint(request, name, version, self.service.infer)
 
     async def _metadata(self, request: HttpRequest, name: str, version: str) -> HttpResponse:
         md = self.service.model_metadata(name, version)
@@ -162,3 +183,29 @@ class RestFrontend:
                 raise InvalidArgument("the repository index request must be a JSON object")
             ready_only = bool(body.get("ready", False))
         return _json(self.service.repository_index(ready_only))
+
+
+class ForwardingRestFrontend:
+    """REST in a frontend worker process: inference is decoded and encoded here and `infer` runs it
+    in the scheduler process; any other request goes to the scheduler's RestFrontend whole."""
+
+    def __init__(self, infer: Callable[[InferRequest], Awaitable[InferResponse]],
+                 forward: Callable[[HttpRequest], Awaitable[HttpResponse]]) -> None:
+        self.infer = infer
+        self.forward = forward
+        self._infer_paths: dict[str, tuple[str, str]] = {}
+
+    async def handle(self, request: HttpRequest) -> HttpResponse:
+        if request.error:
+            return HttpResponse(400, error_body(request.error))
+        try:
+            target = self._infer_paths.get(request.path) if request.method == "POST" else None
+            if target is None:
+                target = infer_target(request)
+                if target is None:
+                    return await self.forward(request)
+                if len(self._infer_paths) < 1024:
+                    self._infer_paths[request.path] = target
+            return await infer_endpoint(request, target[0], target[1], self.infer)
+        except Exception as exc:
+            return _error_response(exc)

@@ -1,0 +1,169 @@
+"""A frontend worker process (`fuserve serve --frontend-workers N` starts N of them).
+
+It accepts HTTP and gRPC connections on the server's ports (SO_REUSEPORT, beside the other workers),
+does the per-request protocol work (framing, V2 decode and encode), and hands each inference to the
+scheduler process over its link (`server/ipc.py`), where the one batcher per model forms batches
+from every worker's requests. Any other request (health, metadata, statistics, model control) is
+passed to the scheduler whole and answered there, so state lives in one place.
+
+Started by `server/workers.py` as `python -m server.frontend_worker '<json arguments>'`; not a
+command for users.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+from typing import Any
+
+from . import ipc
+from ._proto import grpc_service_pb2 as pb
+from .errors import Unavailable
+from .frontends.grpc_server import GrpcServer, Method
+from .frontends.grpc_service import SERVICE, GrpcInfer, error_status
+from .frontends.http_server import HttpRequest, HttpResponse, HttpServer
+from .frontends.rest import ForwardingRestFrontend, error_body
+from .types import InferRequest, InferResponse
+from .workers import reuseport_socket
+
+log = logging.getLogger("fuserve.worker")
+
+
+class _Raw(bytes):
+    """A reply already serialized by the scheduler process."""
+
+    def SerializeToString(self) -> bytes:  # noqa: N802 (protobuf's name)
+        return bytes(self)
+
+
+class SchedulerClient:
+    """The worker's end of the link: each call waits for its own answer."""
+
+    def __init__(self) -> None:
+        self.link: ipc.Link | None = None
+        self.pending: dict[int, asyncio.Future] = {}
+        self._ids = itertools.count(1)
+
+    def on_messages(self, messages: list[ipc.Message]) -> None:
+        for kind, rid, payload in messages:
+            fut = self.pending.pop(rid, None)
+            if fut is None or fut.done():
+                continue
+            if kind == "ok":
+                fut.set_result(ipc.unpack_response(payload))
+            elif kind == "err":
+                fut.set_exception(ipc.unpack_error(payload))
+            else:
+                fut.set_result(payload)
+
+    def on_lost(self) -> None:
+        for fut in self.pending.values():
+            if not fut.done():
+                fut.set_exception(Unavailable("the scheduler process is gone"))
+        self.pending.clear()
+
+    async def _call(self, kind: str, payload: Any) -> Any:
+        if self.link is None or self.link.transport is None:
+            raise Unavailable("the scheduler process is gone")
+        rid = next(self._ids)
+        fut = self.pending[rid] = asyncio.get_running_loop().create_future()
+        self.link.send((kind, rid, payload))
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            if self.pending.pop(rid, None) is not None and kind == "infer":
+                self.link.send(("cancel", rid, None))  # the client went away: drop the queued work
+            raise
+
+    async def infer(self, request: InferRequest) -> InferResponse:
+        result: InferResponse = await self._call("infer", ipc.pack_request(request))
+        return result
+
+    async def http(self, request: HttpRequest) -> HttpResponse:
+        status, body, content_type, headers = await self._call(
+            "http", (request.method, request.path, request.headers, request.body))
+        return HttpResponse(status, body, content_type, headers)
+
+    def grpc_forwarder(self, path: str) -> Any:
+        async def call(message: bytes) -> _Raw:
+            code, text, reply = await self._call("grpc", (path, message))
+            if code:
+                raise _Status(code, text)
+            return _Raw(reply)
+        return call
+
+
+class _Status(Exception):
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _grpc_status(exc: BaseException) -> tuple[int, str]:
+    if isinstance(exc, _Status):
+        return exc.code, exc.message
+    return error_status(exc)
+
+
+def _listening(host: str, port: int) -> socket.socket:
+    sock = reuseport_socket(host, port)
+    sock.listen(2048)
+    return sock
+
+
+async def serve(args: dict) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    client = SchedulerClient()
+
+    def lost() -> None:
+        client.on_lost()
+        stop.set()
+
+    client.link = await ipc.open_link(socket.socket(fileno=args["link_fd"]), client.on_messages, lost)
+    http = grpc = None
+    listen = args["listen"]
+    if "http" in listen:
+        http = HttpServer(ForwardingRestFrontend(client.infer, client.http).handle,
+                          max_body=args["max_input_size"], error_body=error_body)
+        await http.start("", 0, sock=_listening(*listen["http"]))
+    if "grpc" in listen:
+        names = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods_by_name
+        methods = {SERVICE + name: Method(bytes, client.grpc_forwarder(SERVICE + name)) for name in names}
+        methods.update(GrpcInfer(client.infer).methods())
+        grpc = GrpcServer(methods, max_message=args["max_input_size"], error_status=_grpc_status)
+        await grpc.start("", 0, sock=_listening(*listen["grpc"]))
+    client.link.send(("hello", 0, os.getpid()))
+    await stop.wait()
+    # The scheduler has drained (or is gone): close listeners, finish what is open, exit.
+    if grpc is not None:
+        await grpc.stop(grace=2.0)
+    if http is not None:
+        await http.stop()
+    client.link.close()
+    return 0
+
+
+def main() -> int:
+    args = json.loads(sys.argv[1])
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the scheduler, which stops us in order
+    logging.basicConfig(level=logging.DEBUG if args.get("log_verbose") else logging.INFO,
+                        format=f"%(asctime)s %(levelname).1s worker-{args.get('index', 0)} %(name)s: %(message)s")
+    try:
+        import uvloop
+
+        return uvloop.run(serve(args))
+    except ImportError:
+        return asyncio.run(serve(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

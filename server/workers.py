@@ -1,0 +1,185 @@
+"""The scheduler process's side of `--frontend-workers N`: start the workers, answer their links.
+
+This process holds the HTTP and gRPC ports and never accepts on them; N worker processes
+(`server/frontend_worker.py`) listen on the same ports (SO_REUSEPORT) and serve every connection. A worker sends
+each decoded inference here, where `InferenceService.infer` runs it through the model's one
+batcher, and every other request whole, answered by this process's own REST and gRPC frontends.
+So statistics, metrics, model control and batching see all traffic in one place, and the
+protocol work (~2/3 of a request's CPU) spreads over the workers' cores.
+
+A worker that dies is started again; on shutdown this process drains first, then stops the
+workers (SIGTERM), which close their connections once their last replies are out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import logging
+import socket
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from . import ipc
+from .frontends.grpc_server import Method
+from .frontends.http_server import HttpRequest, HttpResponse
+from .service import InferenceService
+
+log = logging.getLogger("fuserve")
+
+
+class WorkerEndpoint:
+    """Answers one worker's link."""
+
+    def __init__(self, service: InferenceService, rest: Callable[[HttpRequest], Any],
+                 grpc_methods: dict[str, Method], error_status: Callable[[BaseException], tuple[int, str]]) -> None:
+        self.service = service
+        self.rest = rest
+        self.grpc_methods = grpc_methods
+        self.error_status = error_status
+        self.link: ipc.Link | None = None
+        self.tasks: dict[int, asyncio.Task] = {}
+        self.hello = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+
+    def on_messages(self, messages: list[ipc.Message]) -> None:
+        loop = self._loop
+        for kind, rid, payload in messages:
+            if kind == "infer":
+                try:
+                    request = ipc.unpack_request(payload)
+                except Exception as exc:
+                    self._send(("err", rid, ipc.pack_error(exc)))
+                    continue
+                task: asyncio.Task = loop.create_task(self.service.infer(request))
+                self.tasks[rid] = task
+                task.add_done_callback(functools.partial(self._infer_done, rid))
+            elif kind == "cancel":
+                queued = self.tasks.get(rid)
+                if queued is not None:
+                    queued.cancel()
+            elif kind == "http":
+                self._track(rid, loop.create_task(self._http(rid, payload)))
+            elif kind == "grpc":
+                self._track(rid, loop.create_task(self._grpc(rid, payload)))
+            elif kind == "hello":
+                self.hello.set()
+
+    def _track(self, rid: int, task: asyncio.Task) -> None:
+        self.tasks[rid] = task
+        task.add_done_callback(lambda t: self.tasks.pop(rid, None))
+
+    def _send(self, message: ipc.Message) -> None:
+        if self.link is not None:
+            self.link.send(message)
+
+    def _infer_done(self, rid: int, task: asyncio.Task) -> None:
+        self.tasks.pop(rid, None)
+        if task.cancelled():
+            return  # the worker's client went away; nobody waits for an answer
+        exc = task.exception()
+        if exc is None:
+            self._send(("ok", rid, ipc.pack_response(task.result())))
+        else:
+            self._send(("err", rid, ipc.pack_error(exc)))
+
+    async def _http(self, rid: int, payload: tuple) -> None:
+        method, path, headers, body = payload
+        response: HttpResponse = await self.rest(HttpRequest(method, path, headers, body))
+        self._send(("http", rid, (response.status, response.body, response.content_type, response.headers)))
+
+    async def _grpc(self, rid: int, payload: tuple[str, bytes]) -> None:
+        path, message = payload
+        method = self.grpc_methods.get(path)
+        if method is None or method.streaming:
+            self._send(("grpc", rid, (12, f"unknown method {path}", b"")))
+            return
+        try:
+            reply = await method.call(method.parse(message))
+            self._send(("grpc", rid, (0, "", reply.SerializeToString())))
+        except Exception as exc:
+            code, text = self.error_status(exc)
+            self._send(("grpc", rid, (code, text, b"")))
+
+    def lost(self) -> None:
+        for task in list(self.tasks.values()):
+            task.cancel()  # the worker is gone: so are its clients
+        self.tasks.clear()
+
+
+class WorkerPool:
+    def __init__(self, count: int, sockets: dict[str, socket.socket], make_endpoint: Callable[[], WorkerEndpoint],
+                 *, max_input_size: int, log_verbose: int) -> None:
+        self.count = count
+        self.sockets = sockets
+        self.make_endpoint = make_endpoint
+        self.args = {"max_input_size": max_input_size, "log_verbose": log_verbose}
+        self.procs: list[asyncio.subprocess.Process | None] = [None] * count
+        self.stopping = False
+        self._runners: list[asyncio.Task] = []
+
+    async def start(self, timeout: float = 60.0) -> None:
+        """Start every worker; return once each says it is serving."""
+        ready = [asyncio.Event() for _ in range(self.count)]
+        self._runners = [asyncio.create_task(self._keep_running(i, ready[i])) for i in range(self.count)]
+        await asyncio.wait_for(asyncio.gather(*(r.wait() for r in ready)), timeout)
+
+    async def _spawn(self, index: int) -> tuple[asyncio.subprocess.Process, WorkerEndpoint]:
+        ours, theirs = socket.socketpair()
+        endpoint = self.make_endpoint()
+        endpoint.link = await ipc.open_link(ours, endpoint.on_messages, endpoint.lost)
+        listen = {name: s.getsockname()[:2] for name, s in self.sockets.items()}
+        args = {**self.args, "listen": listen, "link_fd": theirs.fileno(), "index": index}
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "server.frontend_worker", json.dumps(args), pass_fds=[theirs.fileno()])
+        theirs.close()
+        return proc, endpoint
+
+    async def _keep_running(self, index: int, ready: asyncio.Event) -> None:
+        while not self.stopping:
+            proc, endpoint = await self._spawn(index)
+            self.procs[index] = proc
+            hello = asyncio.create_task(endpoint.hello.wait())
+            hello.add_done_callback(lambda _: ready.set())
+            code = await proc.wait()
+            hello.cancel()
+            if endpoint.link is not None:
+                endpoint.link.close()
+            if not self.stopping:
+                log.error("frontend worker %d (pid %d) exited with %s; starting another", index, proc.pid, code)
+                await asyncio.sleep(0.5)
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        self.stopping = True
+        for proc in self.procs:
+            if proc is not None and proc.returncode is None:
+                proc.terminate()
+        waits = [p.wait() for p in self.procs if p is not None]
+        try:
+            await asyncio.wait_for(asyncio.gather(*waits), timeout)
+        except asyncio.TimeoutError:
+            for proc in self.procs:
+                if proc is not None and proc.returncode is None:
+                    proc.kill()
+        for runner in self._runners:
+            runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await runner
+
+
+def reuseport_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port with SO_REUSEPORT. The scheduler process binds one without
+    listening, to hold the port (and learn it, when port is 0); each worker binds its own to the
+    same port and listens, and the kernel spreads new connections evenly over the workers. (One
+    listening socket shared by all would not: the first worker to wake accepts every waiting
+    connection.)"""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.setblocking(False)
+    return sock

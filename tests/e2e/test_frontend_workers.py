@@ -1,0 +1,260 @@
+"""`--frontend-workers N`: N worker processes serve HTTP and gRPC, one scheduler process owns the
+models, batchers, statistics and model control. Everything a client sees must be what the single
+process gives, and the batcher must be shared: requests arriving through different workers batch
+together."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import model_builders as mb
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from conftest import wait_until
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+from tritonclient.utils import InferenceServerException
+
+W = mb.ECHO_WIDTH
+
+
+def worker_pids(server) -> list[int]:
+    """The live frontend workers of `server` (its child processes running server.frontend_worker)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] if ppid == server.proc.pid else "?"
+        if ppid == server.proc.pid and b"server.frontend_worker" in cmdline and state != "Z":
+            pids.append(int(entry.name))
+    return sorted(pids)
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    repo = tmp_path_factory.mktemp("workers_repo")
+    mb.generated(repo, "add_sub")
+    mb.generated(repo, "add_sub", as_name="gathered")  # one batch of 8, however long it takes to gather
+    cfg = repo / "gathered" / "config.pbtxt"
+    cfg.write_text(cfg.read_text() + "dynamic_batching { preferred_batch_size: [8] "
+                                      "max_queue_delay_microseconds: 20000000 }\n")
+    mb.echo_slow(repo / "slow" / "1" / "model.onnx", matmuls=1000)
+    mb.write_config(repo / "slow", 'platform: "onnxruntime_onnx"\nmax_batch_size: 1\ndynamic_batching { }\n'
+                                   'parameters { key: "intra_op_thread_count" value: { string_value: "1" } }\n')
+    return repo
+
+
+@pytest.fixture(scope="module")
+def server(start_server, repo):
+    return start_server(repo, "--frontend-workers", "2", "--model-control-mode", "explicit", "--load-model", "*")
+
+
+def add_sub_inputs(mod, k: int, **binary):
+    a = np.arange(16, dtype=np.int32).reshape(1, 16) + k
+    b = np.full((1, 16), 3, dtype=np.int32)
+    inputs = [mod.InferInput("INPUT0", [1, 16], "INT32"), mod.InferInput("INPUT1", [1, 16], "INT32")]
+    inputs[0].set_data_from_numpy(a, **binary)
+    inputs[1].set_data_from_numpy(b, **binary)
+    return inputs, a + b, a - b
+
+
+def stats(server, model: str) -> dict:
+    status, _, body = server.request("GET", f"/v2/models/{model}/stats")
+    assert status == 200, body
+    return json.loads(body)["model_stats"][0]
+
+
+def test_workers_serve_every_protocol(server):
+    assert len(worker_pids(server)) == 2
+
+    def one(k: int) -> None:
+        mod = (httpclient, grpcclient)[k % 2]
+        client = mod.InferenceServerClient(server.http_url if mod is httpclient else server.grpc_url)
+        try:
+            binary = {"binary_data": k % 4 == 0} if mod is httpclient else {}  # V2 JSON and binary
+            inputs, plus, minus = add_sub_inputs(mod, k, **binary)
+            result = client.infer("add_sub", inputs)
+            np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), plus)
+            np.testing.assert_array_equal(result.as_numpy("OUTPUT1"), minus)
+        finally:
+            client.close()
+
+    before = stats(server, "add_sub")["inference_count"]
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(one, range(64)))
+    assert stats(server, "add_sub")["inference_count"] == before + 64  # counted in one place
+
+
+def test_requests_through_different_workers_batch_together(server):
+    """8 connections: with per-worker batchers, one batch of 8 would need all 8 on one worker (1 in
+    128 by SO_REUSEPORT's hashing); the shared batcher forms it at once, well inside its 20 s delay."""
+    before = stats(server, "gathered")
+    results: dict[int, np.ndarray] = {}
+
+    def one(k: int) -> None:
+        client = httpclient.InferenceServerClient(server.http_url)
+        try:
+            inputs, plus, _ = add_sub_inputs(httpclient, k)
+            results[k] = client.infer("gathered", inputs).as_numpy("OUTPUT0") - plus
+        finally:
+            client.close()
+
+    start = time.monotonic()
+    threads = [threading.Thread(target=one, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert time.monotonic() - start < 15
+    assert sorted(results) == list(range(8)) and all(not r.any() for r in results.values())
+    after = stats(server, "gathered")
+    assert after["inference_count"] == before["inference_count"] + 8
+    assert after["execution_count"] == before["execution_count"] + 1
+
+
+def test_other_requests_are_answered_by_the_scheduler(server):
+    http = httpclient.InferenceServerClient(server.http_url)
+    grpcc = grpcclient.InferenceServerClient(server.grpc_url)
+    try:
+        assert http.is_server_ready() and grpcc.is_server_ready()
+        assert http.get_model_metadata("add_sub")["inputs"][0]["name"] == "INPUT0"
+        assert grpcc.get_model_metadata("add_sub").inputs[0].name == "INPUT0"
+        assert grpcc.get_model_config("add_sub").config.max_batch_size == 8
+        assert {m["name"] for m in http.get_model_repository_index()} == {"add_sub", "gathered", "slow"}
+        grpcc.unload_model("add_sub")
+        wait_until(lambda: not http.is_model_ready("add_sub"), what="add_sub unloaded")
+        assert not grpcc.is_model_ready("add_sub")
+        inputs, _, _ = add_sub_inputs(httpclient, 0)
+        with pytest.raises(InferenceServerException) as e:
+            http.infer("add_sub", inputs)
+        assert e.value.status() == "404"
+        http.load_model("add_sub")
+        assert grpcc.is_model_ready("add_sub")
+    finally:
+        http.close()
+        grpcc.close()
+
+
+def test_errors_keep_their_status_through_a_worker(server):
+    status, _, body = server.request("POST", "/v2/models/nope/infer", json.dumps({"inputs": [
+        {"name": "INPUT0", "datatype": "INT32", "shape": [1, 16], "data": list(range(16))}]}).encode())
+    assert status == 404 and "nope" in json.loads(body)["error"]
+    status, _, body = server.request("POST", "/v2/models/add_sub/infer", json.dumps({"inputs": [
+        {"name": "INPUT0", "datatype": "FP32", "shape": [1, 16], "data": [0.5] * 16}]}).encode())
+    assert status == 400 and "error" in json.loads(body)
+    status, _, body = server.request("POST", "/v2/models/add_sub/infer", b"{not json")
+    assert status == 400
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    try:
+        inputs, _, _ = add_sub_inputs(grpcclient, 0)
+        with pytest.raises(InferenceServerException) as e:
+            client.infer("nope", inputs)
+        assert e.value.status() == "StatusCode.NOT_FOUND"
+        with pytest.raises(InferenceServerException) as e:
+            client.get_model_metadata("nope")
+        assert e.value.status() == "StatusCode.NOT_FOUND" and "nope" in e.value.message()
+    finally:
+        client.close()
+
+
+def test_stream_infer_through_a_worker(server):
+    replies: list = []
+    done = threading.Event()
+
+    def callback(result, error):
+        replies.append((result, error))
+        if len(replies) == 5:
+            done.set()
+
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    try:
+        client.start_stream(callback)
+        for k in range(4):
+            inputs, _, _ = add_sub_inputs(grpcclient, k)
+            client.async_stream_infer("add_sub", inputs, request_id=str(k))
+        client.async_stream_infer("nope", add_sub_inputs(grpcclient, 9)[0], request_id="bad")
+        assert done.wait(30)
+        client.stop_stream()
+    finally:
+        client.close()
+    good = sorted(r.get_response().id for r, e in replies if e is None)
+    assert good == ["0", "1", "2", "3"]
+    assert sum(1 for _, e in replies if e is not None and "nope" in e.message()) == 1
+
+
+def test_a_cancelled_call_drops_its_queued_request(server):
+    """RST_STREAM at a worker reaches the scheduler: the queued request is dropped, never executed."""
+    before = stats(server, "slow")
+
+    def blocker() -> None:
+        x = [httpclient.InferInput("INPUT", [1, 3], "FP32"), httpclient.InferInput("WORK", [1, W], "FP32")]
+        x[0].set_data_from_numpy(np.ones((1, 3), np.float32))
+        x[1].set_data_from_numpy(np.zeros((1, W), np.float32))
+        httpclient.InferenceServerClient(server.http_url).infer("slow", x)
+
+    t = threading.Thread(target=blocker)
+    t.start()
+    wait_until(lambda: stats(server, "slow")["fuserve_executing"] > 0, what="the blocker executing")
+
+    async def cancel_one() -> None:
+        request = service_pb2.ModelInferRequest(model_name="slow")
+        for name, cols in (("INPUT", 3), ("WORK", W)):
+            request.inputs.add(name=name, datatype="FP32", shape=[1, cols])
+            request.raw_input_contents.append(np.ones((1, cols), np.float32).tobytes())
+        async with grpc.aio.insecure_channel(server.grpc_url) as channel:
+            call = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request)
+            for _ in range(500):
+                if stats(server, "slow")["fuserve_pending"] > 0:
+                    break
+                await asyncio.sleep(0.02)
+            call.cancel()
+            for _ in range(250):
+                if stats(server, "slow")["fuserve_cancelled"] > before["fuserve_cancelled"]:
+                    break
+                await asyncio.sleep(0.02)
+
+    asyncio.run(cancel_one())
+    t.join(60)
+    after = stats(server, "slow")
+    assert after["fuserve_cancelled"] == before["fuserve_cancelled"] + 1
+    assert after["inference_count"] == before["inference_count"] + 1  # only the blocker ran
+
+
+def test_a_killed_worker_is_replaced(server):
+    old = worker_pids(server)
+    os.kill(old[0], signal.SIGKILL)
+    wait_until(lambda: len(worker_pids(server)) == 2 and old[0] not in worker_pids(server), timeout=30,
+               what="a new worker")
+    wait_until(lambda: "frontend worker" in server.log() and "starting another" in server.log(), what="the log")
+    time.sleep(1.0)  # the new worker starts listening
+    for k in range(20):  # new connections land on either worker
+        client = httpclient.InferenceServerClient(server.http_url)
+        try:
+            inputs, plus, _ = add_sub_inputs(httpclient, k)
+            np.testing.assert_array_equal(client.infer("add_sub", inputs).as_numpy("OUTPUT0"), plus)
+        finally:
+            client.close()
+
+
+def test_sigterm_stops_the_workers_too(start_server, repo):
+    p = start_server(repo, "--frontend-workers", "2", "--model-control-mode", "explicit", "--load-model", "add_sub")
+    pids = worker_pids(p)
+    assert len(pids) == 2
+    p.proc.send_signal(signal.SIGTERM)
+    assert p.proc.wait(60) == 0
+    for pid in pids:
+        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
