@@ -137,6 +137,15 @@ class Batcher:
     # ---- admission ------------------------------------------------------------------------------
 
     async def submit(self, work: Work) -> Outcome:
+        pending = self.enqueue(work)
+        try:
+            return await pending.future
+        except asyncio.CancelledError:
+            self.withdraw(pending)
+            raise
+
+    def enqueue(self, work: Work) -> _Pending:
+        """Queue `work`; its future is answered with the Outcome (or the batch's error)."""
         level = self.default_level if work.priority <= 0 else min(work.priority, len(self._queues)) - 1
         policy = self.policies[level]
         if policy.max_queue_size and self._counts[level] >= policy.max_queue_size:
@@ -157,16 +166,17 @@ class Batcher:
         self._counts[level] += 1
         self._idle.clear()
         self._schedule()
-        try:
-            return await pending.future
-        except asyncio.CancelledError:
-            if not pending.taken:  # dropped before execution
-                pending.taken = True
-                if pending.level >= 0:
-                    self._counts[pending.level] -= 1
-                self.stats.cancelled += 1
-                self._check_idle()
-            raise
+        return pending
+
+    def withdraw(self, pending: _Pending) -> None:
+        """The client went away: a request still queued is dropped and never executes."""
+        pending.future.cancel()
+        if not pending.taken:
+            pending.taken = True
+            if pending.level >= 0:
+                self._counts[pending.level] -= 1
+            self.stats.cancelled += 1
+            self._check_idle()
 
     # ---- scheduling ---------------------------------------------------------------------------
 

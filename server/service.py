@@ -10,16 +10,29 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
 from . import __version__
-from .batcher import Work
+from .batcher import Outcome, Work
 from .errors import BackendError, InvalidArgument, Rejected, Unavailable, Unsupported
 from .model_config import ModelConfig, ModelSpec
 from .repository import ModelVersion, Repository
 from .types import InferRequest, InferResponse, Tensor
+
+
+@dataclass(slots=True)
+class _Call:
+    """One request between its checks and its answer."""
+
+    work: Work
+    names: list[str]
+    rows: int
+    start: int  # perf_counter_ns
+    prepared: int
+
 
 EXTENSIONS = ("binary_tensor_data", "model_configuration", "model_repository", "parameters", "statistics")
 
@@ -147,14 +160,14 @@ class InferenceService:
     # ---- inference -----------------------------------------------------------------------------
 
     async def infer(self, request: InferRequest) -> InferResponse:
-        if not self.accepting:
-            raise Unavailable("the server is not accepting requests (starting up or shutting down)")
-        mv = self.repository.get(request.model_name, request.model_version)
+        mv = self._admit(request)
         start = time.perf_counter_ns()
         self._in_flight += 1
         self._idle.clear()
         try:
-            response = await self._infer(mv, request, start)
+            call = self._prepare(mv, request, start)
+            outcome = await mv.batcher.submit(call.work)
+            response = self._complete(mv, request, call, outcome)
         except asyncio.CancelledError:  # the client went away
             mv.stats.record_failure(time.perf_counter_ns() - start, "CANCELED")
             raise
@@ -162,12 +175,55 @@ class InferenceService:
             mv.stats.record_failure(time.perf_counter_ns() - start, _failure_reason(exc))
             raise
         finally:
-            self._in_flight -= 1
-            if self._in_flight == 0:
-                self._idle.set()
+            self._leave()
         return response
 
-    async def _infer(self, mv: ModelVersion, request: InferRequest, start: int) -> InferResponse:
+    def submit(self, request: InferRequest,
+               reply: Callable[[InferResponse | None, BaseException | None], None]) -> Callable[[], None]:
+        """`infer` without a coroutine or task (for the frontend workers' link, where a task per
+        request is a large part of the cost): checks and queues the request now, raising what
+        `infer` would raise before queueing; calls `reply(response, None)` or `reply(None, error)`
+        from the event loop when it is answered. Returns the function that cancels it."""
+        mv = self._admit(request)
+        start = time.perf_counter_ns()
+        try:
+            call = self._prepare(mv, request, start)
+            pending = mv.batcher.enqueue(call.work)
+        except Exception as exc:
+            mv.stats.record_failure(time.perf_counter_ns() - start, _failure_reason(exc))
+            raise
+        self._in_flight += 1
+        self._idle.clear()
+
+        def done(future: asyncio.Future) -> None:
+            self._leave()
+            if future.cancelled():
+                mv.stats.record_failure(time.perf_counter_ns() - start, "CANCELED")
+                return
+            exc = future.exception()
+            if exc is None:
+                try:
+                    reply(self._complete(mv, request, call, future.result()), None)
+                    return
+                except Exception as err:
+                    exc = err
+            mv.stats.record_failure(time.perf_counter_ns() - start, _failure_reason(exc))  # type: ignore[arg-type]
+            reply(None, exc)
+
+        pending.future.add_done_callback(done)
+        return lambda: mv.batcher.withdraw(pending)
+
+    def _admit(self, request: InferRequest) -> ModelVersion:
+        if not self.accepting:
+            raise Unavailable("the server is not accepting requests (starting up or shutting down)")
+        return self.repository.get(request.model_name, request.model_version)
+
+    def _leave(self) -> None:
+        self._in_flight -= 1
+        if self._in_flight == 0:
+            self._idle.set()
+
+    def _prepare(self, mv: ModelVersion, request: InferRequest, start: int) -> _Call:
         spec = mv.spec
         feeds = _check_inputs(spec, request)
         if request.outputs:
@@ -186,16 +242,19 @@ class InferenceService:
         if request.parameters:
             work.priority = _int_parameter(request, "priority")
             work.timeout_us = _int_parameter(request, "timeout")
-        prepared = time.perf_counter_ns()
-        outcome = await mv.batcher.submit(work)
+        return _Call(work, names, rows, start, time.perf_counter_ns())
+
+    def _complete(self, mv: ModelVersion, request: InferRequest, call: _Call, outcome: Outcome) -> InferResponse:
         collected = time.perf_counter_ns()
-        index = spec.output_index
-        outputs = [Tensor(name, index[name].datatype, (arr := outcome.outputs[name]).shape, arr) for name in names]
+        index = mv.spec.output_index
+        outputs = [Tensor(name, index[name].datatype, (arr := outcome.outputs[name]).shape, arr)
+                   for name in call.names]
         end = time.perf_counter_ns()
         # Triton's split: compute_input covers our checks and the batch's concatenation, and so on.
-        mv.stats.record_success(rows, end - start, outcome.queue_ns, prepared - start + outcome.input_ns,
-                                outcome.infer_ns, outcome.output_ns + end - collected)
-        return InferResponse(model_name=spec.name, model_version=str(mv.version), outputs=outputs, id=request.id)
+        mv.stats.record_success(call.rows, end - call.start, outcome.queue_ns,
+                                call.prepared - call.start + outcome.input_ns, outcome.infer_ns,
+                                outcome.output_ns + end - collected)
+        return InferResponse(model_name=mv.spec.name, model_version=str(mv.version), outputs=outputs, id=request.id)
 
     def statistics(self, name: str = "", version: str = "") -> dict:
         """The statistics extension: every ready version, one model, or one version of it."""

@@ -27,6 +27,7 @@ from . import ipc
 from .frontends.grpc_server import Method
 from .frontends.http_server import HttpRequest, HttpResponse
 from .service import InferenceService
+from .types import InferResponse
 
 log = logging.getLogger("fuserve")
 
@@ -41,7 +42,8 @@ class WorkerEndpoint:
         self.grpc_methods = grpc_methods
         self.error_status = error_status
         self.link: ipc.Link | None = None
-        self.tasks: dict[int, asyncio.Task] = {}
+        self.tasks: dict[int, asyncio.Task] = {}  # forwarded requests being answered
+        self.cancels: dict[int, Callable[[], None]] = {}  # inferences queued or executing
         self.hello = asyncio.Event()
         self._loop = asyncio.get_running_loop()
 
@@ -50,17 +52,14 @@ class WorkerEndpoint:
         for kind, rid, payload in messages:
             if kind == "infer":
                 try:
-                    request = ipc.unpack_request(payload)
+                    self.cancels[rid] = self.service.submit(ipc.unpack_request(payload),
+                                                            functools.partial(self._infer_done, rid))
                 except Exception as exc:
                     self._send(("err", rid, ipc.pack_error(exc)))
-                    continue
-                task: asyncio.Task = loop.create_task(self.service.infer(request))
-                self.tasks[rid] = task
-                task.add_done_callback(functools.partial(self._infer_done, rid))
             elif kind == "cancel":
-                queued = self.tasks.get(rid)
-                if queued is not None:
-                    queued.cancel()
+                cancel = self.cancels.pop(rid, None)
+                if cancel is not None:
+                    cancel()
             elif kind == "http":
                 self._track(rid, loop.create_task(self._http(rid, payload)))
             elif kind == "grpc":
@@ -76,15 +75,12 @@ class WorkerEndpoint:
         if self.link is not None:
             self.link.send(message)
 
-    def _infer_done(self, rid: int, task: asyncio.Task) -> None:
-        self.tasks.pop(rid, None)
-        if task.cancelled():
-            return  # the worker's client went away; nobody waits for an answer
-        exc = task.exception()
-        if exc is None:
-            self._send(("ok", rid, ipc.pack_response(task.result())))
+    def _infer_done(self, rid: int, response: InferResponse | None, exc: BaseException | None) -> None:
+        self.cancels.pop(rid, None)
+        if response is not None:
+            self._send(("ok", rid, ipc.pack_response(response)))
         else:
-            self._send(("err", rid, ipc.pack_error(exc)))
+            self._send(("err", rid, ipc.pack_error(exc or RuntimeError("no answer"))))
 
     async def _http(self, rid: int, payload: tuple) -> None:
         method, path, headers, body = payload
@@ -108,6 +104,9 @@ class WorkerEndpoint:
         for task in list(self.tasks.values()):
             task.cancel()  # the worker is gone: so are its clients
         self.tasks.clear()
+        for cancel in list(self.cancels.values()):
+            cancel()
+        self.cancels.clear()
 
 
 class WorkerPool:
