@@ -49,6 +49,27 @@ def h2load(port: int, path: Path, conns: int, streams: int, threads: int, second
     return float(line.split(",")[1].split()[0])
 
 
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """CPU time (user + system) of `pid` and of its live children together: (its own, children's)."""
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def of(stat: str) -> float:
+        fields = stat.rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / tick
+
+    own = of(Path(f"/proc/{pid}/stat").read_text())
+    children = 0.0
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                children += of(stat)
+    return own, children
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="add_sub")
@@ -65,6 +86,7 @@ def main() -> None:
     body, marker = SAMPLES[a.model]()
     name = f"{a.model}_batched"
     results: dict[tuple[str, str], float] = {}
+    costs: dict[tuple[str, str], tuple[float, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         repo = Path(tmp) / "repo"
         build_repo(a.model, repo)
@@ -84,6 +106,7 @@ def main() -> None:
                         path, header_length = files[protocol]
                         for seconds in (a.warmup, a.duration):
                             wait_idle(port, name)
+                            cpu0 = cpu_seconds(server.pid)
                             if protocol == "grpc":
                                 conns = max(8, a.client_threads)
                                 rps = h2load(grpc_port, path, conns, -(-a.concurrency // conns), a.client_threads,
@@ -91,25 +114,31 @@ def main() -> None:
                             else:
                                 rps = wrk(port, name, path, marker, header_length, a.concurrency, a.client_threads,
                                           seconds, a.client_cpus)
+                            cpu1 = cpu_seconds(server.pid)
                         stats = json.loads(http_get(port, f"/v2/models/{name}/stats")[1])["model_stats"][0]
+                        n = rps * a.duration
+                        sched_us, workers_us = ((cpu1[i] - cpu0[i]) / n * 1e6 for i in (0, 1))
                         results[(setup, protocol)] = rps
+                        costs[(setup, protocol)] = (sched_us, workers_us)
                         print(json.dumps({"setup": setup, "protocol": protocol, "rps": rps,
-                                          "mean_batch": stats["inference_count"] / max(1, stats["execution_count"])}),
+                                          "mean_batch": stats["inference_count"] / max(1, stats["execution_count"]),
+                                          "cpu_us_per_request": {"main": sched_us, "workers": workers_us}}),
                               file=sys.stderr)
                 finally:
                     server.send_signal(signal.SIGTERM)
                     server.wait(60)
     protocols = a.protocols.split(",")
     setups = a.setups.split(",")
-    print(f"| cores | frontend workers | " + " | ".join(f"{p} req/s | x first" for p in protocols) + " |")
-    print("|---|---|" + "---|---|" * len(protocols))
+    print("| cores | frontend workers | protocol | req/s | x first setup | CPU us/request: main process | "
+          "workers | total |")
+    print("|---|---|---|---|---|---|---|---|")
     for setup in setups:
         cores, workers = setup.split(":")
-        cells = []
         for p in protocols:
             rps, first = results[(setup, p)], results[(setups[0], p)]
-            cells.append(f"{rps:,.0f} | {rps / first:.2f}")
-        print(f"| {cores} | {workers} | " + " | ".join(cells) + " |")
+            main_us, workers_us = costs[(setup, p)]
+            print(f"| {cores} | {workers} | {p} | {rps:,.0f} | {rps / first:.2f} | {main_us:.1f} | "
+                  f"{workers_us:.1f} | {main_us + workers_us:.1f} |")
 
 
 if __name__ == "__main__":

@@ -49,6 +49,8 @@ class SchedulerClient:
         self.link: ipc.Link | None = None
         self.pending: dict[int, asyncio.Future] = {}
         self._ids = itertools.count(1)
+        # kept: under uvloop, asyncio.get_running_loop() costs a getpid() system call
+        self.loop = asyncio.get_running_loop()
 
     def on_messages(self, messages: list[ipc.Message]) -> None:
         for kind, rid, payload in messages:
@@ -72,7 +74,7 @@ class SchedulerClient:
         if self.link is None or self.link.transport is None:
             raise Unavailable("the scheduler process is gone")
         rid = next(self._ids)
-        fut = self.pending[rid] = asyncio.get_running_loop().create_future()
+        fut = self.pending[rid] = self.loop.create_future()
         self.link.send((kind, rid, payload))
         try:
             return await fut
