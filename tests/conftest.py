@@ -16,6 +16,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# tests/kernels run the Triton kernels in Triton's interpreter where there is no GPU. The variable
+# must be set before anything imports triton (torch may, while other tests' modules are collected),
+# so here; a GPU machine compiles them for real unless told otherwise.
+os.environ.setdefault("TRITON_INTERPRET", "0" if Path("/dev/nvidiactl").exists() else "1")
+
 
 def wait_until(condition, timeout: float = 60.0, what: str = "condition") -> None:
     """Poll `condition()` until it is true; fail the test (never hang) after `timeout` seconds."""
@@ -32,6 +37,11 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _server_env() -> dict[str, str]:
+    """The servers run as a user's would: kernels compiled on a GPU, torch fallbacks elsewhere."""
+    return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+
+
 class FuserveProcess:
     """`python -m server serve` on free ports; stop() sends SIGTERM and returns the exit code."""
 
@@ -46,7 +56,7 @@ class FuserveProcess:
         self.log_path = log_dir / f"fuserve-{self.http_port}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 (open for the process lifetime)
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+                                     env={**_server_env(), "PYTHONUNBUFFERED": "1", **(env or {})})
 
     @property
     def http_url(self) -> str:

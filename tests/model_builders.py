@@ -69,14 +69,18 @@ def slow(path: Path, matmuls: int = 300, width: int = 512) -> Path:
 
 
 def generated(repo: Path, name: str, as_name: str | None = None) -> None:
-    """Copy a bundled model (config.pbtxt + generated model.onnx) into `repo`, optionally renamed."""
+    """Copy a bundled model (config.pbtxt + its generated model file) into `repo`, optionally renamed."""
     src = ROOT / "model_repo" / name
-    onnx_file = src / "1" / "model.onnx"
-    if not onnx_file.exists():
+
+    def model_files() -> list[Path]:
+        return [p for p in (src / "1").glob("model.*")] if (src / "1").is_dir() else []
+
+    if not model_files():
         subprocess.run([sys.executable, str(ROOT / "model_repo" / "generate.py"), "--models", name], check=True)
     dst = repo / (as_name or name)
     (dst / "1").mkdir(parents=True, exist_ok=True)
-    shutil.copy(onnx_file, dst / "1" / "model.onnx")
+    for f in model_files():
+        shutil.copy(f, dst / "1" / f.name)
     text = (src / "config.pbtxt").read_text()
     if as_name:
         text = text.replace(f'name: "{name}"', f'name: "{as_name}"')

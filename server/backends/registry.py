@@ -7,7 +7,7 @@ import importlib
 from ..errors import ModelLoadError
 from .base import BackendFactory
 
-_MODULES = {"onnxruntime": "server.backends.onnxruntime"}
+_MODULES = {"onnxruntime": "server.backends.onnxruntime", "pytorch": "server.backends.pytorch"}
 _loaded: dict[str, BackendFactory] = {}
 
 

@@ -20,24 +20,49 @@ TEXTS = ["fuserve serves models over HTTP and gRPC.", "A cat sits on the mat.",
 @pytest.fixture(scope="module")
 def minilm_server(start_server, tmp_path_factory):
     repo = tmp_path_factory.mktemp("minilm_repo")
-    mb.generated(repo, "minilm")
+    mb.generated(repo, "minilm")  # ONNX Runtime
+    mb.generated(repo, "minilm_torch")  # PyTorch backend on fuserve's fused kernels
+    mb.generated(repo, "minilm_torch", as_name="minilm_torch_stock")  # the TorchScript program itself
+    cfg = repo / "minilm_torch_stock" / "config.pbtxt"
+    cfg.write_text("\n".join(line for line in cfg.read_text().splitlines() if "fuserve_" not in line) + "\n")
     return start_server(repo)
 
 
-def test_embeddings_match_sentence_transformers(minilm_server):
+@pytest.fixture(scope="module")
+def reference():
+    """sentence-transformers' own embeddings of TEXTS, and the tokens it made of them."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    path = str(minilm_pkg.get_model_path())
-    model = st.SentenceTransformer(path, device="cpu")
-    reference = model.encode(TEXTS, normalize_embeddings=True)
+    model = st.SentenceTransformer(str(minilm_pkg.get_model_path()), device="cpu")
+    embeddings = model.encode(TEXTS, normalize_embeddings=True)
     tokens = model.tokenizer(TEXTS, padding="max_length", max_length=128, truncation=True, return_tensors="np")
-    ids, mask = tokens["input_ids"].astype(np.int64), tokens["attention_mask"].astype(np.int64)
-    for mod, url in ((httpclient, minilm_server.http_url), (grpcclient, minilm_server.grpc_url)):
-        client = mod.InferenceServerClient(url)
+    return embeddings, tokens["input_ids"].astype(np.int64), tokens["attention_mask"].astype(np.int64)
+
+
+def served(server, mod, model: str, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    client = mod.InferenceServerClient(server.http_url if mod is httpclient else server.grpc_url)
+    try:
         i0 = mod.InferInput("input_ids", list(ids.shape), "INT64")
         i1 = mod.InferInput("attention_mask", list(mask.shape), "INT64")
         i0.set_data_from_numpy(ids)
         i1.set_data_from_numpy(mask)
-        got = client.infer("minilm", [i0, i1]).as_numpy("sentence_embedding")
+        return client.infer(model, [i0, i1]).as_numpy("sentence_embedding")
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("model", ["minilm", "minilm_torch", "minilm_torch_stock"])
+def test_embeddings_match_sentence_transformers(minilm_server, reference, model):
+    expected, ids, mask = reference
+    for mod in (httpclient, grpcclient):
+        got = served(minilm_server, mod, model, ids, mask)
         assert got.shape == (3, 384)
-        cosine = (got * reference).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(reference, axis=1)
+        cosine = (got * expected).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(expected, axis=1)
         assert (cosine > 0.999).all(), cosine
+
+
+def test_the_fused_path_answers_as_the_torchscript_program(minilm_server, reference):
+    """On CPU the kernels' torch references run: the same numbers as the model's own forward."""
+    _, ids, mask = reference
+    fused = served(minilm_server, httpclient, "minilm_torch", ids, mask)
+    stock = served(minilm_server, httpclient, "minilm_torch_stock", ids, mask)
+    np.testing.assert_allclose(fused, stock, atol=1e-5)
