@@ -13,7 +13,8 @@ Config keys:
                                                    pinned memory and copied without blocking
   parameters { key: "intra_op_thread_count" value: { string_value: "N" } }  torch.set_num_threads
                                                    (process-wide in torch; the last model loaded wins)
-  parameters { key: "torch_compile" value: { string_value: "true" } }  torch.compile at load, with a
+  parameters { key: "torch_compile" value: { string_value: "true" } }  torch.compile (torch.export
+                                                   programs only; dynamic shapes) at load, with a
                                                    warm-up run on zeros (counted in the load time)
   parameters { key: "fuserve_kernels" ... }       fused kernels on the serving path: see
                                                    server/backends/torch_kernels.py
@@ -87,7 +88,10 @@ class TorchInstance:
 
         self.module = wrap_with_kernels(self.module, config, self.torch_device, where)
         if _param(config, "torch_compile").lower() in ("1", "true", "yes"):
-            self.module = torch.compile(self.module)
+            if model_path.suffix != ".pt2":
+                raise ModelLoadError(f"{where}: torch_compile needs a torch.export program (model.pt2), "
+                                     f"not TorchScript")
+            self.module = torch.compile(self.module, dynamic=True)  # one graph for every batch size
             self._warm_up(config)
 
     def _warm_up(self, config: ModelConfig) -> None:

@@ -84,6 +84,11 @@ def repo(tmp_path_factory):
                     'input [ { name: "x" data_type: TYPE_BF16 dims: [ 4 ] } ]\n'
                     'output [ { name: "y" data_type: TYPE_BF16 dims: [ 4 ] } ]\n')
 
+    (repo / "compiled_mlp" / "1").mkdir(parents=True)
+    torch.export.save(program, str(repo / "compiled_mlp" / "1" / "model.pt2"))
+    mb.write_config(repo / "compiled_mlp", (repo / "export_mlp" / "config.pbtxt").read_text()
+                    + 'parameters { key: "torch_compile" value: { string_value: "true" } }\n')
+
     # refused at load, each beside the good ones
     (repo / "no_io" / "1").mkdir(parents=True)
     torch.jit.trace(AddSub(), ints).save(str(repo / "no_io" / "1" / "model.pt"))
@@ -131,6 +136,14 @@ def test_torchscript_and_export_programs_answer_as_torch_does(server, mod):
     got = infer(server, mod, "export_mlp", {"x": x}, {"x": "FP32"}, ["y"])
     with torch.no_grad():
         np.testing.assert_allclose(got["y"], mlp()(torch.from_numpy(x)).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_torch_compile_at_load_answers_every_batch_size(server):
+    for rows in (1, 5):
+        x = np.random.default_rng(rows).standard_normal((rows, 8)).astype(np.float32)
+        got = infer(server, httpclient, "compiled_mlp", {"x": x}, {"x": "FP32"}, ["y"])
+        with torch.no_grad():
+            np.testing.assert_allclose(got["y"], mlp()(torch.from_numpy(x)).numpy(), rtol=1e-4, atol=1e-5)
 
 
 def test_dict_outputs_by_name_and_bf16(server):
