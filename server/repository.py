@@ -12,8 +12,11 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from .backends.base import BackendFactory
 from .backends.registry import get_backend
@@ -47,6 +50,9 @@ class ModelVersion:
     version: int
     pool: InstancePool
     load_seconds: float
+    # The backend's own per-request check of input values (e.g. token ids within the vocabulary), run
+    # before the request joins a batch so a bad one fails alone; raises InvalidArgument.
+    check_inputs: Callable[[dict[str, np.ndarray]], None] | None = None
     stats: ModelStats = field(init=False)
     batcher: Batcher = field(init=False)
 
@@ -270,7 +276,8 @@ class Repository:
                 log.error("failed to load model '%s': %s", name, reason)
                 raise ModelLoadError(f"failed to load model '{name}': {reason}") from exc
             versions = {
-                v: ModelVersion(spec, v, InstancePool(f"{name}-{v}", opened), secs)
+                v: ModelVersion(spec, v, InstancePool(f"{name}-{v}", opened), secs,
+                                getattr(opened[0], "check_inputs", None))
                 for v, (spec, opened, secs) in built.items()
             }
             if self.histograms:

@@ -226,6 +226,8 @@ class InferenceService:
     def _prepare(self, mv: ModelVersion, request: InferRequest, start: int) -> _Call:
         spec = mv.spec
         feeds = _check_inputs(spec, request)
+        if mv.check_inputs is not None:
+            mv.check_inputs(feeds)
         if request.outputs:
             names = []
             for o in request.outputs:

@@ -106,6 +106,11 @@ class TorchInstance:
         return self._io
 
     @property
+    def check_inputs(self) -> Any:
+        """The kernels' path's check of input values, when it has one (see ModelVersion)."""
+        return getattr(self.module, "check_inputs", None)
+
+    @property
     def device(self) -> str:
         """Where it runs: 'cpu' or 'cuda:N'."""
         return str(self.torch_device)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from ..errors import ModelLoadError
+from ..errors import InvalidArgument, ModelLoadError
 from ..model_config import ModelConfig, mc
 
 KNOWN = ("bert_encoder", "preprocess_image")
@@ -125,6 +125,10 @@ class BertEncoder:
                 "out": (w("output.dense.weight"), w("output.dense.bias")),
                 "ln2": (w("output.LayerNorm.weight"), w("output.LayerNorm.bias")),
             })
+        self.input_names = [t.name for t in config.input]
+        if len(self.input_names) not in (2, 3):
+            raise ModelLoadError(f"{where}: bert_encoder takes input_ids, attention_mask and optionally "
+                                 f"token_type_ids; the config declares {len(self.input_names)} inputs")
         self.hidden = self.word.shape[1]
         try:
             self.heads = int(_param(config, "fuserve_bert_heads", "12"))
@@ -133,6 +137,20 @@ class BertEncoder:
             raise ModelLoadError(f"{where}: bad fuserve_bert_heads / fuserve_bert_eps: {exc}") from None
         if self.heads <= 0 or self.hidden % self.heads:
             raise ModelLoadError(f"{where}: hidden size {self.hidden} does not split into {self.heads} heads")
+
+    def check_inputs(self, feeds: dict[str, Any]) -> None:
+        """Per request, before batching: token ids inside the tables, so a bad request fails alone."""
+        names = self.input_names
+        limits = [(names[0], self.word.shape[0])] + ([(names[2], self.token_type.shape[0])] if len(names) > 2 else [])
+        for name, limit in limits:
+            ids = feeds[name]
+            if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= limit):
+                raise InvalidArgument(f"input '{name}' must hold ids in [0, {limit}), got values in "
+                                      f"[{int(ids.min())}, {int(ids.max())}]")
+        seq = feeds[names[0]].shape[-1]
+        if seq > self.position.shape[0]:
+            raise InvalidArgument(f"input '{names[0]}' has {seq} tokens; the model has {self.position.shape[0]} "
+                                  f"positions")
 
     def __call__(self, input_ids: Any, attention_mask: Any, token_type_ids: Any = None) -> Any:
         import torch

@@ -66,3 +66,31 @@ def test_the_fused_path_answers_as_the_torchscript_program(minilm_server, refere
     fused = served(minilm_server, httpclient, "minilm_torch", ids, mask)
     stock = served(minilm_server, httpclient, "minilm_torch_stock", ids, mask)
     np.testing.assert_allclose(fused, stock, atol=1e-5)
+
+
+def test_an_out_of_range_token_fails_alone(minilm_server, reference):
+    """Checked per request before batching: its batch-mates are answered."""
+    import threading
+
+    expected, ids, mask = reference
+    bad = ids[:1].copy()
+    bad[0, 1] = 10**6
+    results: dict = {}
+
+    def send(key: str, i: np.ndarray, m: np.ndarray) -> None:
+        try:
+            results[key] = served(minilm_server, httpclient, "minilm_torch", i, m)
+        except Exception as exc:  # the server's answer, kept for the asserts below
+            results[key] = exc
+
+    threads = [threading.Thread(target=send, args=("bad", bad, mask[:1]))]
+    threads += [threading.Thread(target=send, args=(f"good{k}", ids[k:k + 1], mask[k:k + 1])) for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert "400" in str(results["bad"].status()) and "input_ids" in results["bad"].message()
+    for k in range(3):
+        got = results[f"good{k}"]
+        assert isinstance(got, np.ndarray), got
+        assert float((got[0] * expected[k]).sum()) > 0.999
