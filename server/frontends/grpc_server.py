@@ -58,7 +58,6 @@ _U32 = struct.Struct(">L")
 
 _MAX_WINDOW = 2**31 - 1
 _OUR_STREAM_WINDOW = 4 * 1024 * 1024  # per stream: what a client may send ahead of us
-_OUR_CONN_WINDOW = 64 * 1024 * 1024  # per connection
 _OUR_MAX_FRAME = 1024 * 1024
 _MAX_STREAMS = 1024  # concurrent streams per connection
 _MAX_HEADER_BLOCK = 64 * 1024
@@ -202,7 +201,7 @@ class GrpcProtocol(asyncio.Protocol):
             (S_MAX_CONCURRENT_STREAMS, _MAX_STREAMS), (S_INITIAL_WINDOW_SIZE, _OUR_STREAM_WINDOW),
             (S_MAX_FRAME_SIZE, _OUR_MAX_FRAME), (S_MAX_HEADER_LIST_SIZE, _MAX_HEADER_BLOCK), (S_ENABLE_PUSH, 0)))
         self.transport.write(frame(SETTINGS, 0, 0, settings)
-                             + frame(WINDOW_UPDATE, 0, 0, _U32.pack(_OUR_CONN_WINDOW - 65535)))
+                             + frame(WINDOW_UPDATE, 0, 0, _U32.pack(self.server.buffer_limit - 65535)))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
@@ -404,9 +403,6 @@ class GrpcProtocol(asyncio.Protocol):
     def _data(self, flags: int, sid: int, payload: bytes) -> None:
         size = len(payload)
         self.unacked += size
-        if self.unacked >= _OUR_CONN_WINDOW // 2:
-            self._write(frame(WINDOW_UPDATE, 0, 0, _U32.pack(self.unacked)))
-            self.unacked = 0
         stream = self.streams.get(sid)
         if stream is None or stream.remote_closed:
             if sid == 0 or sid > self.last_sid:
@@ -430,6 +426,18 @@ class GrpcProtocol(asyncio.Protocol):
                     stream.buf += rest
         if flags & END_STREAM:
             self._remote_closed(stream)
+        self._refill()
+
+    def _refill(self) -> None:
+        """Return the connection's window to the client once half of it is used, unless the partial
+        messages held for it already fill `buffer_limit`: then flow control makes the client wait
+        until messages complete (a connection never holds more than about twice the limit)."""
+        if self.unacked < self.server.buffer_limit // 2 or self.transport is None:
+            return
+        held = sum(len(s.buf) + len(s.request or b"") for s in self.streams.values())
+        if held < self.server.buffer_limit:
+            self._write(frame(WINDOW_UPDATE, 0, 0, _U32.pack(self.unacked)))
+            self.unacked = 0
 
     def _messages(self, stream: Stream, data: bytes | bytearray) -> bytes | bytearray:
         """Take every complete gRPC message off `data`; returns what is left (or trims stream.buf)."""
@@ -608,10 +616,12 @@ class GrpcProtocol(asyncio.Protocol):
 
     def _finish(self, stream: Stream) -> None:
         stream.done = True
+        stream.buf = bytearray()
         self._cancel_deadline(stream)
         if not stream.remote_closed:
             self._write(frame(RST_STREAM, 0, stream.sid, _U32.pack(NO_ERROR)))
         self.streams.pop(stream.sid, None)
+        self._refill()
         if self.goaway_sent and not self.streams:
             self._close()
 
@@ -622,6 +632,7 @@ class GrpcProtocol(asyncio.Protocol):
         for task in list(stream.tasks):
             task.cancel()
         self.streams.pop(stream.sid, None)
+        self._refill()
         if self.goaway_sent and not self.streams:
             self._close()
 
@@ -674,6 +685,9 @@ class GrpcServer:
     def __init__(self, methods: dict[str, Method], *, max_message: int, error_status: ErrorStatus) -> None:
         self.methods = methods
         self.max_message = max_message
+        # Partial messages one connection may hold before flow control stops its client: room for
+        # four messages at the size limit (at least 1 MiB, at most HTTP/2's largest window).
+        self.buffer_limit = max(1 << 20, min(_MAX_WINDOW, 4 * max_message))
         self.error_status = error_status
         self.connections: set[GrpcProtocol] = set()
         self._server: asyncio.Server | None = None

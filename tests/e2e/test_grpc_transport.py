@@ -297,3 +297,44 @@ def test_a_stream_that_opens_without_a_grpc_content_type_is_refused(server, clie
     assert headers["grpc-status"] == str(grpc.StatusCode.INTERNAL.value[0])
     assert "application/grpc" in unquote(headers["grpc-message"])
     assert_serving(client)
+
+
+def test_partial_messages_cannot_make_a_connection_hold_unbounded_memory(start_server, test_repo):
+    """Ten streams each start a 900 kB message and never finish it: with a 1 MB message limit the
+    server holds about 4 MB of partial messages for the connection (at most twice that), then stops
+    returning window, so the client cannot send the 9 MB it wants. Other connections are served."""
+    server = start_server(test_repo, "--http-max-input-size", "1000000")
+    raw = RawConnection(server.grpc_port)
+    sent = dict.fromkeys(range(1, 21, 2), 0)
+    try:
+        raw.sock.settimeout(2.0)
+        for sid in sent:
+            raw.headers(sid)
+            raw.data(sid, struct.pack(">BL", 0, 900_000))
+        while True:
+            progressed = False
+            for sid in sent:
+                n = min(raw.conn.local_flow_control_window(sid), raw.conn.max_outbound_frame_size,
+                        899_000 - sent[sid])
+                if n > 0:
+                    raw.data(sid, bytes(n))
+                    sent[sid] += n
+                    progressed = True
+            if progressed:
+                continue
+            try:
+                chunk = raw.sock.recv(65536)
+            except TimeoutError:
+                break  # no window came back: the client is held off
+            assert chunk, "the server closed the connection"
+            raw.conn.receive_data(chunk)
+            raw.flush()
+        total = sum(sent.values())
+        assert 3_000_000 < total < 8_000_000, total
+        other = grpcclient.InferenceServerClient(server.grpc_url)
+        try:
+            assert_serving(other)
+        finally:
+            other.close()
+    finally:
+        raw.close()
