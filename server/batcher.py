@@ -10,7 +10,8 @@
 Without `dynamic_batching` every batch is one request (Triton's default scheduler). The scheduler
 is event-driven: it runs when a request arrives, when an execution finishes, and at the one timer
 it keeps for the earliest queue-delay or timeout expiry; there is no polling loop. Everything here
-runs on the event loop thread except `_execute_batch`, which runs on the instance's worker thread.
+runs on the event loop thread except `_execute_batch`, which runs on the instance's worker thread
+(or, for a cheap model on one CPU instance, inline: see `_inline`).
 
 A request whose caller goes away (HTTP disconnect, gRPC cancel) while queued is dropped before
 execution. A failed execution fails only the requests of that batch.
@@ -32,6 +33,9 @@ from .errors import BackendError, Rejected, ServerError
 from .instances import InstancePool
 from .model_config import ModelSpec, QueuePolicy
 from .stats import ModelStats
+
+# A model whose batches take less than this (moving average) runs inline on the event loop thread.
+INLINE_BELOW_NS = 1_000_000
 
 
 @dataclass(slots=True, eq=False)
@@ -124,6 +128,18 @@ class Batcher:
         self.executing_requests = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        # Inline execution: at low load (batches of one), a cheap model on one CPU instance runs on
+        # the event loop thread itself, saving the hand-off to its worker thread and back (~40 us of
+        # latency; more than add_sub's whole execution). Decided from the measured execution time and
+        # batch size, batch by batch (see _on_executed); under load the worker thread forms larger
+        # batches, which is faster there.
+        mode = spec.parameters.get("fuserve_inline_execution", "auto").lower()
+        if mode not in ("auto", "never"):
+            mode = "auto"
+        self._inline_allowed = mode == "auto" and len(pool.devices) == 1 and "cpu" in pool.devices[0].lower()
+        self._inline = False
+        self._exec_ewma_ns = float(INLINE_BELOW_NS)  # starts on the worker thread, until measured
+        self._batch_ewma = 1.0
         # preserve_ordering: batches are answered in dispatch order
         self._next_seq = 0
         self._answer_seq = 0
@@ -289,8 +305,18 @@ class Batcher:
         started = time.perf_counter_ns()
         rows = [p.work.rows for p in batch]
         loop = self._loop or asyncio.get_running_loop()
+        done = functools.partial(self._on_executed, batch, instance, seq, started, sum(rows))
+        # inline only at low load (lone requests): under load, batches on the thread grow larger
+        if self._inline and len(batch) == 1 and self._batch_ewma < 1.5:
+            fut: asyncio.Future = loop.create_future()
+            try:
+                fut.set_result(_execute_batch(instance, [p.work.feeds for p in batch], list(outputs), rows))
+            except Exception as exc:
+                fut.set_exception(exc)
+            loop.call_soon(done, fut)  # not now: _schedule is what called us
+            return
         fut = self.pool.run(loop, _execute_batch, instance, [p.work.feeds for p in batch], list(outputs), rows)
-        fut.add_done_callback(functools.partial(self._on_executed, batch, instance, seq, started, sum(rows)))
+        fut.add_done_callback(done)
 
     # ---- completion -----------------------------------------------------------------------------
 
@@ -302,6 +328,11 @@ class Batcher:
         try:
             parts, timings = fut.result()
             done = _Done(batch, parts, None, started, timings, rows)
+            if self._inline_allowed:
+                self._batch_ewma = 0.8 * self._batch_ewma + 0.2 * len(batch)
+                self._exec_ewma_ns = 0.8 * self._exec_ewma_ns + 0.2 * sum(timings)
+                # hysteresis: a model near the threshold does not flip on every batch
+                self._inline = self._exec_ewma_ns < (INLINE_BELOW_NS if self._inline else INLINE_BELOW_NS / 2)
         except ServerError as exc:  # raised knowingly (a bad output shape, text that is not UTF-8)
             done = _Done(batch, None, exc, started, rows=rows)
         except Exception as exc:

@@ -22,16 +22,23 @@ class RecordingInstance:
 
     def __init__(self) -> None:
         self.batches: list[int] = []
+        self.threads = []
         self.gate = threading.Event()
         self.gate.set()
 
     io = ModelIO((), ())
     device = "CPUExecutionProvider"
 
+    threads: list[str]
+    delay = 0.0
+
     def execute(self, inputs, outputs):
         self.gate.wait(10)
+        if self.delay:
+            time.sleep(self.delay)
         x = inputs["x"]
         self.batches.append(x.shape[0])
+        self.threads.append(threading.current_thread().name)
         if (x == -1).any():
             raise RuntimeError("poisoned row")
         return {"y": x * 2}
@@ -227,5 +234,38 @@ def test_drain_waits_for_queued_and_executing():
         inst.gate.set()
         await drained
         assert all(t.done() for t in tasks)
+
+    run(main())
+
+
+def test_lone_requests_to_a_cheap_model_run_inline_and_failures_stay_their_own():
+    """After a few measured executions, a cheap single-instance CPU model at low load runs on the
+    event loop thread (no hand-off); a failing request there still fails alone."""
+    async def main():
+        batcher, (inst,), _ = make("max_batch_size: 4\ndynamic_batching {}")
+        for v in range(12):
+            assert (await batcher.submit(work(v))).outputs["y"][0, 0] == 2 * v
+        assert inst.threads[0].startswith("model-") and inst.threads[-1] == threading.current_thread().name
+        with pytest.raises(ServerError, match="poisoned row"):
+            await batcher.submit(work(-1))
+        assert (await batcher.submit(work(5))).outputs["y"][0, 0] == 10
+
+    run(main())
+
+
+@pytest.mark.parametrize("config,instances,delay", [
+    ('max_batch_size: 4\ndynamic_batching {}\nparameters { key: "fuserve_inline_execution" '
+     'value: { string_value: "never" } }', 1, 0.0),
+    ("max_batch_size: 4\ndynamic_batching {}", 2, 0.0),  # two instances run side by side on threads
+    ("max_batch_size: 4\ndynamic_batching {}", 1, 0.003),  # 3 ms an execution: too slow to block the loop
+])
+def test_models_that_must_not_block_the_loop_stay_on_their_threads(config, instances, delay):
+    async def main():
+        batcher, backends, _ = make(config, instances=instances)
+        for b in backends:
+            b.delay = delay
+        for v in range(12):
+            await batcher.submit(work(v))
+        assert all(t.startswith("model-") for b in backends for t in b.threads)
 
     run(main())
