@@ -14,7 +14,8 @@ runs on the event loop thread except `_execute_batch`, which runs on the instanc
 (or, for a cheap model on one CPU instance, inline: see `_inline`).
 
 A request whose caller goes away (HTTP disconnect, gRPC cancel) while queued is dropped before
-execution. A failed execution fails only the requests of that batch.
+execution. When a batch fails, each of its requests is executed alone, so only the requests that
+fail on their own get the error (Triton fails the whole batch).
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ class _Pending:
 @dataclass(slots=True)
 class _Done:
     batch: list[_Pending]
-    parts: list[dict[str, np.ndarray]] | None
+    parts: list[dict[str, np.ndarray] | Exception] | None  # per request: outputs, or why it failed alone
     error: ServerError | None
     started: int
     timings: tuple[int, int, int] = (0, 0, 0)
@@ -81,8 +82,29 @@ class _Done:
 
 
 def _execute_batch(instance: Instance, feeds_list: list[dict[str, np.ndarray]], outputs: Sequence[str],
-                   rows: list[int]) -> tuple[list[dict[str, np.ndarray]], tuple[int, int, int]]:
-    """On the worker thread: concatenate the requests' rows, execute once, split the outputs."""
+                   rows: list[int]) -> tuple[list[dict[str, np.ndarray] | Exception], tuple[int, int, int]]:
+    """On the worker thread: execute the batch; if it fails, execute each of its requests alone, so
+    that one request the model cannot take (a token id out of range, text that is not a number)
+    fails by itself and its batch-mates are answered. Per request: its outputs or its exception."""
+    try:
+        parts, timings = _execute_once(instance, feeds_list, outputs, rows)
+        return list(parts), timings
+    except Exception:
+        if len(feeds_list) == 1:
+            raise
+    t0 = time.perf_counter_ns()
+    alone: list[dict[str, np.ndarray] | Exception] = []
+    for feeds, n in zip(feeds_list, rows, strict=True):
+        try:
+            alone.append(_execute_once(instance, [feeds], outputs, [n])[0][0])
+        except Exception as exc:
+            alone.append(exc)
+    return alone, (0, time.perf_counter_ns() - t0, 0)
+
+
+def _execute_once(instance: Instance, feeds_list: list[dict[str, np.ndarray]], outputs: Sequence[str],
+                  rows: list[int]) -> tuple[list[dict[str, np.ndarray]], tuple[int, int, int]]:
+    """Concatenate the requests' rows, execute once, split the outputs."""
     t0 = time.perf_counter_ns()
     if len(feeds_list) == 1:
         feeds = feeds_list[0]
@@ -333,11 +355,8 @@ class Batcher:
                 self._exec_ewma_ns = 0.8 * self._exec_ewma_ns + 0.2 * sum(timings)
                 # hysteresis: a model near the threshold does not flip on every batch
                 self._inline = self._exec_ewma_ns < (INLINE_BELOW_NS if self._inline else INLINE_BELOW_NS / 2)
-        except ServerError as exc:  # raised knowingly (a bad output shape, text that is not UTF-8)
-            done = _Done(batch, None, exc, started, rows=rows)
         except Exception as exc:
-            done = _Done(batch, None, BackendError(f"model '{self.name}' failed to execute: {exc}"), started,
-                         rows=rows)
+            done = _Done(batch, None, self._as_error(exc), started, rows=rows)
         if self.preserve_ordering:
             self._finished[seq] = done
             while self._answer_seq in self._finished:
@@ -356,10 +375,19 @@ class Batcher:
         input_ns, infer_ns, output_ns = done.timings
         self.stats.record_execution(done.rows, input_ns, infer_ns, output_ns)
         for p, part in zip(done.batch, done.parts, strict=True):
+            if isinstance(part, Exception):
+                if not p.future.done():
+                    p.future.set_exception(self._as_error(part))
+                continue
             if not p.future.done():
                 # a request that wants every output the batch computed takes the dict as it is
                 outputs = part if len(p.work.outputs) == len(part) else {n: part[n] for n in p.work.outputs}
                 p.future.set_result(Outcome(outputs, done.started - p.arrival, input_ns, infer_ns, output_ns))
+
+    def _as_error(self, exc: Exception) -> ServerError:
+        if isinstance(exc, ServerError):  # raised knowingly (a bad output shape, text that is not UTF-8)
+            return exc
+        return BackendError(f"model '{self.name}' failed to execute: {exc}")
 
     def _check_idle(self) -> None:
         if self._executing == 0 and not self._finished and next(self._live(), None) is None:

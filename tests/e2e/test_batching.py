@@ -52,6 +52,10 @@ def batching_server(start_server, tmp_path_factory):
     mb.generated(repo, "add_sub_string")
     (repo / "add_sub_string" / "config.pbtxt").write_text(
         (repo / "add_sub_string" / "config.pbtxt").read_text() + "dynamic_batching { }\n")
+    mb.generated(repo, "add_sub_string", as_name="strings_gathered")  # batches of exactly 4
+    (repo / "strings_gathered" / "config.pbtxt").write_text(
+        (repo / "strings_gathered" / "config.pbtxt").read_text()
+        + "dynamic_batching { preferred_batch_size: [4] max_queue_delay_microseconds: 20000000 }\n")
     return start_server(repo)
 
 
@@ -263,6 +267,34 @@ def test_backend_failure_fails_only_its_batch(batching_server):
     assert e.value.status() == "500" and "failed to execute" in e.value.message()
     ok = c.infer("add_sub_string", strings([b"2"] * 16))
     assert ok.as_numpy("OUTPUT0")[0][0] in (b"3", "3")
+
+
+def test_a_request_the_model_rejects_fails_alone_in_its_batch(batching_server):
+    """Four requests form one batch; one holds text that is not a number, so the batch fails. Each
+    request is then run alone: that one gets the 500, the other three their sums."""
+    before = stats(batching_server, "strings_gathered")
+    results: dict = {}
+
+    def one(k: int) -> None:
+        c = httpclient.InferenceServerClient(batching_server.http_url)
+        a = httpclient.InferInput("INPUT0", [1, 16], "BYTES")
+        b = httpclient.InferInput("INPUT1", [1, 16], "BYTES")
+        a.set_data_from_numpy(np.array([[b"oops" if k == 2 else str(k).encode()] * 16], dtype=object))
+        b.set_data_from_numpy(np.array([[b"1"] * 16], dtype=object))
+        try:
+            results[k] = c.infer("strings_gathered", [a, b]).as_numpy("OUTPUT0")[0][0]
+        except InferenceServerException as exc:
+            results[k] = exc
+
+    threads = [threading.Thread(target=one, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert isinstance(results[2], InferenceServerException) and results[2].status() == "500"
+    assert [results[k] for k in (0, 1, 3)] in ([b"1", b"2", b"4"], ["1", "2", "4"])
+    after = stats(batching_server, "strings_gathered")
+    assert after["execution_count"] - before["execution_count"] == 1  # they did run as one batch first
 
 
 def test_sigterm_with_a_full_queue_answers_every_admitted_request(start_server, tmp_path):

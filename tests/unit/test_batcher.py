@@ -202,6 +202,26 @@ def test_failure_fails_only_its_batch():
     run(main())
 
 
+def test_a_request_that_fails_its_batch_fails_alone():
+    """The poisoned request's batch fails; each of its requests is then run alone, so only the
+    poisoned one gets the error and its batch-mates their own rows."""
+    async def main():
+        batcher, (inst,), stats = make("max_batch_size: 8\ndynamic_batching {}")
+        inst.gate.clear()
+        first = asyncio.ensure_future(batcher.submit(work(1)))  # holds the instance
+        await asyncio.sleep(0.05)
+        rest = [asyncio.ensure_future(batcher.submit(work(v))) for v in (2, -1, 3)]
+        await asyncio.sleep(0.05)
+        inst.gate.set()
+        assert (await first).outputs["y"][0, 0] == 2
+        results = await asyncio.gather(*rest, return_exceptions=True)
+        assert results[0].outputs["y"][0, 0] == 4 and results[2].outputs["y"][0, 0] == 6
+        assert isinstance(results[1], ServerError) and "poisoned row" in results[1].message
+        assert inst.batches == [1, 3, 1, 1, 1]  # the batch of 3 failed, then each alone
+
+    run(main())
+
+
 def test_preserve_ordering_across_instances():
     async def main():
         batcher, (a, b), _ = make("max_batch_size: 1\ndynamic_batching { preserve_ordering: true }", instances=2)
