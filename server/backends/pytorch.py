@@ -208,6 +208,11 @@ class TorchBackendFactory:
     alternative_filenames = ("model.pt2",)
 
     def create_instance(self, model_path: Path, config: ModelConfig, instance: InstanceSpec) -> TorchInstance:
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            raise ModelLoadError(f"{model_path}: the PyTorch backend needs torch, which is not installed "
+                                 f"(pip install 'fuserve[torch]')") from None
         return TorchInstance(model_path, config, instance)
 
 
