@@ -205,3 +205,19 @@ def test_image_model_takes_uint8_through_the_preprocess_kernel(server, repo):
         expected = program((x - mean) / std).numpy()
     assert got.shape == (4, 10)
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_without_torch_the_load_failure_names_the_extra(start_server, repo, tmp_path):
+    fake = tmp_path / "no_torch" / "torch"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('torch is not installed here')\n")
+    small = tmp_path / "repo"
+    small.mkdir()
+    for name in ("ts_add_sub",):
+        (small / name / "1").mkdir(parents=True)
+        (small / name / "1" / "model.pt").write_bytes((repo / name / "1" / "model.pt").read_bytes())
+        (small / name / "config.pbtxt").write_text((repo / name / "config.pbtxt").read_text())
+    server = start_server(small, env={"PYTHONPATH": str(tmp_path / "no_torch")})
+    index = {m["name"]: m for m in json.loads(server.request("POST", "/v2/repository/index")[2])}
+    assert index["ts_add_sub"]["state"] == "UNAVAILABLE"
+    assert "fuserve[torch]" in index["ts_add_sub"]["reason"]
