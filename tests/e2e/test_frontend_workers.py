@@ -33,13 +33,12 @@ def worker_pids(server) -> list[int]:
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
-        try:
+        try:  # a process may exit between listing and reading: read each file once, skip it if gone
             cmdline = (entry / "cmdline").read_bytes()
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            state, ppid = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:2]
         except (OSError, ValueError, IndexError):
             continue
-        state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] if ppid == server.proc.pid else "?"
-        if ppid == server.proc.pid and b"server.frontend_worker" in cmdline and state != "Z":
+        if int(ppid) == server.proc.pid and b"server.frontend_worker" in cmdline and state != "Z":
             pids.append(int(entry.name))
     return sorted(pids)
 
@@ -257,4 +256,8 @@ def test_sigterm_stops_the_workers_too(start_server, repo):
     p.proc.send_signal(signal.SIGTERM)
     assert p.proc.wait(60) == 0
     for pid in pids:
-        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            continue  # gone
+        assert state == "Z", f"worker {pid} still running after the server exited"
