@@ -25,24 +25,16 @@ import importlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
+from bench_batching import ROOT, free_port, http_get, wait_ready
 
-ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # ---- 1. kernel tests ----------------------------------------------------------------------------------
@@ -199,20 +191,8 @@ def end_to_end(seconds: float, concurrency: int) -> list[str]:
                                        "--metrics-port", str(metrics_port)], cwd=ROOT, stdout=log,
                                       stderr=subprocess.STDOUT, env=env)
             try:
-                deadline = time.monotonic() + 300
-                while True:
-                    try:
-                        with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
-                            s.sendall(b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\n\r\n")
-                            if b" 200 " in s.recv(100):
-                                break
-                    except OSError:
-                        pass
-                    if server.poll() is not None or time.monotonic() > deadline:
-                        raise RuntimeError("fuserve did not start:\n" + (repo / "server.log").read_text()[-3000:])
-                    time.sleep(0.2)
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/models/minilm_torch/config") as r:
-                    config = json.loads(r.read())
+                wait_ready(port, server, timeout=300)
+                config = json.loads(http_get(port, "/v2/models/minilm_torch/config")[1])
                 where = config.get("parameters", {}).get("fuserve_execution_providers", {}).get("string_value", "?")
                 rows = [f"Models run on: {where}; V2 binary, {concurrency} connections, {seconds:.0f} s each", "",
                         "| model | request bytes | req/s |", "|---|---|---|"]

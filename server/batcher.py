@@ -26,6 +26,7 @@ import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 
@@ -88,7 +89,7 @@ def _execute_batch(instance: Instance, feeds_list: list[dict[str, np.ndarray]], 
     fails by itself and its batch-mates are answered. Per request: its outputs or its exception."""
     try:
         parts, timings = _execute_once(instance, feeds_list, outputs, rows)
-        return list(parts), timings
+        return cast(list[dict[str, np.ndarray] | Exception], parts), timings
     except Exception:
         if len(feeds_list) == 1:
             raise

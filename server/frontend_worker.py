@@ -25,7 +25,7 @@ from typing import Any
 from . import ipc
 from ._proto import grpc_service_pb2 as pb
 from .errors import Unavailable
-from .frontends.grpc_server import GrpcServer, Method
+from .frontends.grpc_server import CallError, GrpcServer, Method
 from .frontends.grpc_service import SERVICE, GrpcInfer, error_status
 from .frontends.http_server import HttpRequest, HttpResponse, HttpServer
 from .frontends.rest import ForwardingRestFrontend, error_body
@@ -96,22 +96,9 @@ class SchedulerClient:
         async def call(message: bytes) -> _Raw:
             code, text, reply = await self._call("grpc", (path, message))
             if code:
-                raise _Status(code, text)
+                raise CallError(code, text)  # the scheduler's answer, passed on as it is
             return _Raw(reply)
         return call
-
-
-class _Status(Exception):
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-def _grpc_status(exc: BaseException) -> tuple[int, str]:
-    if isinstance(exc, _Status):
-        return exc.code, exc.message
-    return error_status(exc)
 
 
 def _listening(host: str, port: int) -> socket.socket:
@@ -141,7 +128,7 @@ async def serve(args: dict) -> int:
         names = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods_by_name
         methods = {SERVICE + name: Method(bytes, client.grpc_forwarder(SERVICE + name)) for name in names}
         methods.update(GrpcInfer(client.infer).methods())
-        grpc = GrpcServer(methods, max_message=args["max_input_size"], error_status=_grpc_status)
+        grpc = GrpcServer(methods, max_message=args["max_input_size"], error_status=error_status)
         await grpc.start("", 0, sock=_listening(*listen["grpc"]))
     client.link.send(("hello", 0, os.getpid()))
     await stop.wait()

@@ -4,7 +4,7 @@ One Unix socket per worker. Each side queues messages and writes them once per e
 one frame: a 4-byte length, then a pickled list of `(kind, request id, payload)` tuples. Requests
 and responses travel as tuples of plain values with each tensor's bytes (`pack_request` and
 friends): pickling numpy arrays and dataclasses directly costs ~15 us a request each way, these
-~4 us.
+~4 us (`loadtests/bench_ipc.py`).
 
 Kinds, worker -> scheduler: `infer` (a packed InferRequest), `cancel` (the client went away),
 `http` (a non-inference REST request, answered by the scheduler's own REST frontend), `grpc` (a
@@ -25,6 +25,7 @@ from typing import Any, cast
 import numpy as np
 
 from . import dtypes, errors
+from .framing import Reassembly
 from .types import InferRequest, InferResponse, RequestedOutput, Tensor
 
 log = logging.getLogger(__name__)
@@ -90,11 +91,7 @@ class Link(asyncio.Protocol):
         self.on_lost = on_lost
         self.transport: asyncio.Transport | None = None
         self.outbox: list[Message] = []
-        self.buf = b""
-        self.chunks: list[bytes] = []
-        self.have = 0
-        self.need = 0
-        self.closed = asyncio.get_running_loop().create_future()
+        self.input = Reassembly()
         self._loop = asyncio.get_running_loop()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -102,8 +99,6 @@ class Link(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
-        if not self.closed.done():
-            self.closed.set_result(None)
         if self.on_lost is not None:
             self.on_lost()
 
@@ -121,30 +116,22 @@ class Link(asyncio.Protocol):
         self.transport.write(_LEN.pack(len(data)) + data)
 
     def data_received(self, data: bytes) -> None:
-        if self.need:  # a large frame arriving in pieces: gather, join once
-            self.chunks.append(data)
-            self.have += len(data)
-            if self.have < self.need:
-                return
-            data = b"".join(self.chunks)
-            self.chunks, self.have, self.need = [], 0, 0
-        buf = self.buf + data if self.buf else data
+        buf = self.input.feed(data)
+        if buf is None:
+            return
         pos, end = 0, len(buf)
         while end - pos >= 4:
             (n,) = _LEN.unpack_from(buf, pos)
             if end - pos - 4 < n:
-                if n > 65536:
-                    self.need, self.have, self.chunks = 4 + n, end - pos, [buf[pos:]]
-                    self.buf = b""
-                    return
-                break
+                self.input.keep(buf, pos, 4 + n)
+                return
             messages = pickle.loads(buf[pos + 4:pos + 4 + n])
             pos += 4 + n
             try:
                 self.on_messages(messages)
             except Exception:
                 log.exception("error handling messages on the worker link")
-        self.buf = buf[pos:] if pos < end else b""
+        self.input.keep(buf, pos)
 
     def close(self) -> None:
         if self.transport is not None:

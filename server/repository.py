@@ -118,7 +118,7 @@ def select_versions(model_dir: Path, config: ModelConfig) -> list[int]:
 def _model_file(version_dir: Path, config: ModelConfig, backend: BackendFactory) -> Path:
     """The version's model file: the config's default_model_filename, else the backend's names."""
     names = [config.default_model_filename] if config.default_model_filename else \
-        [backend.model_filename, *getattr(backend, "alternative_filenames", ())]
+        [backend.model_filename, *backend.alternative_filenames]
     for name in names:
         if (version_dir / name).is_file():
             return version_dir / name

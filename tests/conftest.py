@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import http.client
+import json
 import os
 import signal
 import socket
@@ -29,6 +31,43 @@ def wait_until(condition, timeout: float = 60.0, what: str = "condition") -> Non
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(0.002)
+
+
+def model_stats(server, model: str) -> dict:
+    """The statistics extension's entry for `model` (its one loaded version)."""
+    status, _, body = server.request("GET", f"/v2/models/{model}/stats")
+    assert status == 200, body
+    return json.loads(body)["model_stats"][0]
+
+
+async def cancel_queued_grpc_call(server, model: str) -> None:
+    """Send one request to an echo_slow `model` over gRPC, wait until it is queued, cancel the call
+    (HTTP/2 RST_STREAM) and, with the connection still open, wait until the server counts it as
+    cancelled. The caller keeps the model's instance busy so that the request queues."""
+    import grpc
+    import numpy as np
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    before = model_stats(server, model)["fuserve_cancelled"]
+    request = service_pb2.ModelInferRequest(model_name=model)
+    for name, cols in (("INPUT", 3), ("WORK", mb.ECHO_WIDTH)):
+        request.inputs.add(name=name, datatype="FP32", shape=[1, cols])
+        request.raw_input_contents.append(np.ones((1, cols), np.float32).tobytes())
+    async with grpc.aio.insecure_channel(server.grpc_url) as channel:
+        call = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request)
+        for _ in range(500):  # until the request is queued (the loop must run to send it)
+            if model_stats(server, model)["fuserve_pending"] > 0:
+                break
+            await asyncio.sleep(0.02)
+        assert model_stats(server, model)["fuserve_pending"] > 0
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        for _ in range(250):  # the connection stays open: the RST_STREAM alone must drop the request
+            if model_stats(server, model)["fuserve_cancelled"] > before:
+                break
+            await asyncio.sleep(0.02)
+        assert model_stats(server, model)["fuserve_cancelled"] == before + 1  # before the connection closes
 
 
 def free_port() -> int:

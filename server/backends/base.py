@@ -39,6 +39,7 @@ class Instance(Protocol):
 class BackendFactory(Protocol):
     name: str
     model_filename: str  # default file name in a version directory, e.g. "model.onnx"
+    alternative_filenames: tuple[str, ...]  # tried next, in order, e.g. ("model.pt2",)
 
     def gpu_count(self) -> int:
         """GPUs this backend can use on this machine (0 here on a CPU-only install)."""

@@ -16,6 +16,7 @@ instance reports as its device.
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -171,14 +172,11 @@ def _gpu_count() -> int:
 class OrtBackendFactory:
     name = "onnxruntime"
     model_filename = "model.onnx"
+    alternative_filenames: tuple[str, ...] = ()
 
-    def __init__(self) -> None:
-        self._gpus: int | None = None
-
+    @functools.cache  # noqa: B019 (one factory per process)
     def gpu_count(self) -> int:
-        if self._gpus is None:
-            self._gpus = _gpu_count()
-        return self._gpus
+        return _gpu_count()
 
     def create_instance(self, model_path: Path, config: ModelConfig, instance: InstanceSpec) -> OrtInstance:
         return OrtInstance(model_path, config, instance)

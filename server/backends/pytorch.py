@@ -22,6 +22,7 @@ Config keys:
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 from collections.abc import Mapping, Sequence
@@ -64,7 +65,11 @@ def declared_io(config: ModelConfig, where: str) -> ModelIO:
 
 class TorchInstance:
     def __init__(self, model_path: Path, config: ModelConfig, instance: InstanceSpec) -> None:
-        import torch
+        try:
+            import torch
+        except ImportError:
+            raise ModelLoadError(f"{model_path}: the PyTorch backend needs torch, which is not installed "
+                                 f"(pip install 'fuserve[torch]')") from None
 
         self.torch = torch
         where = str(model_path)
@@ -184,35 +189,21 @@ def _to_numpy(t: Any) -> np.ndarray:
     return t.numpy()
 
 
-def _gpu_count() -> int:
-    try:
-        import torch
-
-        return int(torch.cuda.device_count())
-    except Exception:
-        return 0
-
-
 class TorchBackendFactory:
     name = "pytorch"
     model_filename = "model.pt"
-
-    def __init__(self) -> None:
-        self._gpus: int | None = None
-
-    def gpu_count(self) -> int:
-        if self._gpus is None:
-            self._gpus = _gpu_count()
-        return self._gpus
-
     alternative_filenames = ("model.pt2",)
 
-    def create_instance(self, model_path: Path, config: ModelConfig, instance: InstanceSpec) -> TorchInstance:
+    @functools.cache  # noqa: B019 (one factory per process)
+    def gpu_count(self) -> int:
         try:
-            import torch  # noqa: F401
-        except ImportError:
-            raise ModelLoadError(f"{model_path}: the PyTorch backend needs torch, which is not installed "
-                                 f"(pip install 'fuserve[torch]')") from None
+            import torch
+
+            return int(torch.cuda.device_count())
+        except Exception:
+            return 0
+
+    def create_instance(self, model_path: Path, config: ModelConfig, instance: InstanceSpec) -> TorchInstance:
         return TorchInstance(model_path, config, instance)
 
 

@@ -28,6 +28,8 @@ from urllib.parse import quote
 import hpack
 import hpack.table
 
+from ..framing import Reassembly
+
 log = logging.getLogger(__name__)
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -173,10 +175,7 @@ class GrpcProtocol(asyncio.Protocol):
         self.server = server
         self.loop = cast(asyncio.AbstractEventLoop, server.loop)
         self.transport: asyncio.Transport | None = None
-        self.buf = b""
-        self.chunks: list[bytes] = []  # a frame arriving in pieces, joined once it is whole
-        self.have = 0
-        self.need = 0
+        self.input = Reassembly()
         self.preface_seen = False
         self.streams: dict[int, Stream] = {}
         self.last_sid = 0
@@ -208,21 +207,15 @@ class GrpcProtocol(asyncio.Protocol):
             self._drop(stream)  # the client went away: its calls are cancelled, queued work dropped
 
     def data_received(self, data: bytes) -> None:
-        if self.need:  # waiting for the rest of a large frame: gather, join once
-            self.chunks.append(data)
-            self.have += len(data)
-            if self.have < self.need:
-                return
-            data = b"".join(self.chunks)
-            self.chunks, self.have, self.need = [], 0, 0
-        buf = self.buf + data if self.buf else data
+        buf = self.input.feed(data)
+        if buf is None:
+            return
         pos = 0
         if not self.preface_seen:
             if len(buf) < len(PREFACE):
                 if not PREFACE.startswith(buf):
                     return self._abort(PROTOCOL_ERROR, "not an HTTP/2 connection preface")
-                self.buf = buf
-                return
+                return self.input.keep(buf, 0)
             if not buf.startswith(PREFACE):
                 return self._abort(PROTOCOL_ERROR, "not an HTTP/2 connection preface")
             self.preface_seen = True
@@ -235,20 +228,14 @@ class GrpcProtocol(asyncio.Protocol):
             if length > _OUR_MAX_FRAME:
                 return self._abort(FRAME_SIZE_ERROR, f"frame of {length} bytes exceeds SETTINGS_MAX_FRAME_SIZE")
             if end - pos - 9 < length:
-                if length > 65536:
-                    self.need = 9 + length
-                    self.have = end - pos
-                    self.chunks = [buf[pos:]]
-                    self.buf = b""
-                    return
-                break
+                return self.input.keep(buf, pos, 9 + length)
             payload = buf[pos + 9:pos + 9 + length]
             pos += 9 + length
             try:
                 self._frame(ftype, flags, sid & 0x7FFFFFFF, payload)
             except _ConnectionError as exc:
                 return self._abort(exc.code, exc.message)
-        self.buf = buf[pos:] if pos < end else b""
+        self.input.keep(buf, pos)
 
     # ---- frames --------------------------------------------------------------------------------
 

@@ -42,13 +42,17 @@ def _json(obj: object) -> HttpResponse:
     return HttpResponse(200, orjson.dumps(obj))
 
 
+def _path_parts(request: HttpRequest) -> list[str]:
+    """The path's segments, percent-decoded one by one (a model name may hold an encoded '/')."""
+    parts = request.path.strip("/").split("/")
+    return [unquote(p) for p in parts] if "%" in request.path else parts
+
+
 def infer_target(request: HttpRequest) -> tuple[str, str] | None:
     """(model, version) when `request` is `POST /v2/models/<m>[/versions/<v>]/infer`, else None."""
     if request.method != "POST":
         return None
-    parts = request.path.strip("/").split("/")
-    if "%" in request.path:
-        parts = [unquote(p) for p in parts]
+    parts = _path_parts(request)
     if len(parts) == 4 and parts[:2] == ["v2", "models"] and parts[3] == "infer":
         return parts[2], ""
     if len(parts) == 6 and parts[:2] == ["v2", "models"] and parts[3] == "versions" and parts[5] == "infer":
@@ -92,9 +96,7 @@ class RestFrontend:
             target = self._infer_paths.get(request.path)
             if target is not None:
                 return await self._infer(request, *target)
-        parts = request.path.strip("/").split("/")
-        if "%" in request.path:
-            parts = [unquote(p) for p in parts]
+        parts = _path_parts(request)
         method = request.method
         if not parts or parts[0] != "v2":
             raise NotFound(f"no such endpoint: {method} {request.path}")

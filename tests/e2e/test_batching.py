@@ -11,15 +11,14 @@ import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-import grpc
 import model_builders as mb
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as aiogrpcclient
 import tritonclient.http as httpclient
-from conftest import wait_until
-from tritonclient.grpc import service_pb2, service_pb2_grpc
+from conftest import cancel_queued_grpc_call, wait_until
+from conftest import model_stats as stats
 from tritonclient.utils import InferenceServerException
 
 W = mb.ECHO_WIDTH
@@ -65,12 +64,6 @@ def http_inputs(data: np.ndarray, mod=httpclient):
     w = mod.InferInput("WORK", [data.shape[0], W], "FP32")
     w.set_data_from_numpy(np.zeros((data.shape[0], W), dtype=np.float32))
     return [x, w]
-
-
-def stats(server, model: str) -> dict:
-    status, _, body = server.request("GET", f"/v2/models/{model}/stats")
-    assert status == 200, body
-    return json.loads(body)["model_stats"][0]
 
 
 def payload(k: int) -> np.ndarray:
@@ -349,28 +342,7 @@ def test_grpc_cancel_drops_the_queued_request(batching_server):
     before = stats(server, "bounded")
     t = occupy_bounded(server)
 
-    async def cancel_one() -> None:
-        request = service_pb2.ModelInferRequest(model_name="bounded")
-        for name, cols in (("INPUT", 3), ("WORK", W)):
-            request.inputs.add(name=name, datatype="FP32", shape=[1, cols])
-            request.raw_input_contents.append(np.ones((1, cols), np.float32).tobytes())
-        async with grpc.aio.insecure_channel(server.grpc_url) as channel:
-            call = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request)
-            for _ in range(500):  # until the request is queued (the loop must run to send it)
-                if stats(server, "bounded")["fuserve_pending"] > 0:
-                    break
-                await asyncio.sleep(0.02)
-            assert stats(server, "bounded")["fuserve_pending"] > 0
-            call.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await call
-            for _ in range(250):  # the connection stays open: the RST_STREAM alone must drop the request
-                if stats(server, "bounded")["fuserve_cancelled"] > before["fuserve_cancelled"]:
-                    break
-                await asyncio.sleep(0.02)
-            assert stats(server, "bounded")["fuserve_cancelled"] == before["fuserve_cancelled"] + 1
-
-    asyncio.run(cancel_one())
+    asyncio.run(cancel_queued_grpc_call(server, "bounded"))
     t.join(60)
     wait_until(lambda: stats(server, "bounded")["fuserve_pending"] == 0, what="an empty queue")
     after = stats(server, "bounded")

@@ -14,14 +14,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import grpc
 import model_builders as mb
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-from conftest import wait_until
-from tritonclient.grpc import service_pb2, service_pb2_grpc
+from conftest import cancel_queued_grpc_call, wait_until
+from conftest import model_stats as stats
 from tritonclient.utils import InferenceServerException
 
 W = mb.ECHO_WIDTH
@@ -69,12 +68,6 @@ def add_sub_inputs(mod, k: int, **binary):
     inputs[0].set_data_from_numpy(a, **binary)
     inputs[1].set_data_from_numpy(b, **binary)
     return inputs, a + b, a - b
-
-
-def stats(server, model: str) -> dict:
-    status, _, body = server.request("GET", f"/v2/models/{model}/stats")
-    assert status == 200, body
-    return json.loads(body)["model_stats"][0]
 
 
 def test_workers_serve_every_protocol(server):
@@ -209,24 +202,7 @@ def test_a_cancelled_call_drops_its_queued_request(server):
     t.start()
     wait_until(lambda: stats(server, "slow")["fuserve_executing"] > 0, what="the blocker executing")
 
-    async def cancel_one() -> None:
-        request = service_pb2.ModelInferRequest(model_name="slow")
-        for name, cols in (("INPUT", 3), ("WORK", W)):
-            request.inputs.add(name=name, datatype="FP32", shape=[1, cols])
-            request.raw_input_contents.append(np.ones((1, cols), np.float32).tobytes())
-        async with grpc.aio.insecure_channel(server.grpc_url) as channel:
-            call = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request)
-            for _ in range(500):
-                if stats(server, "slow")["fuserve_pending"] > 0:
-                    break
-                await asyncio.sleep(0.02)
-            call.cancel()
-            for _ in range(250):
-                if stats(server, "slow")["fuserve_cancelled"] > before["fuserve_cancelled"]:
-                    break
-                await asyncio.sleep(0.02)
-
-    asyncio.run(cancel_one())
+    asyncio.run(cancel_queued_grpc_call(server, "slow"))
     t.join(60)
     after = stats(server, "slow")
     assert after["fuserve_cancelled"] == before["fuserve_cancelled"] + 1
