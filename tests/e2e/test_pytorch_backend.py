@@ -101,6 +101,10 @@ def repo(tmp_path_factory):
     torch.jit.trace(AddSub(), ints).save(str(repo / "bad_kernels" / "1" / "model.pt"))
     mb.write_config(repo / "bad_kernels", ADD_SUB_CONFIG + 'parameters { key: "fuserve_kernels" '
                                                          'value: { string_value: "warp_drive" } }\n')
+    (repo / "not_bert" / "1").mkdir(parents=True)  # asks for bert_encoder, has no BERT weights
+    torch.jit.trace(AddSub(), ints).save(str(repo / "not_bert" / "1" / "model.pt"))
+    mb.write_config(repo / "not_bert", ADD_SUB_CONFIG + 'parameters { key: "fuserve_kernels" '
+                                                      'value: { string_value: "bert_encoder" } }\n')
     mb.generated(repo, "image_cnn")
     return repo
 
@@ -191,6 +195,8 @@ def test_what_it_refuses_to_load(server, repo):
     assert index["pickled"]["state"] == "UNAVAILABLE" and "TorchScript" in index["pickled"]["reason"]
     assert not (repo / "PWNED").exists(), "the pickle was unpickled"
     assert index["bad_kernels"]["state"] == "UNAVAILABLE" and "warp_drive" in index["bad_kernels"]["reason"]
+    assert index["not_bert"]["state"] == "UNAVAILABLE"
+    assert "embeddings.word_embeddings.weight" in index["not_bert"]["reason"]
     assert index["ts_add_sub"]["state"] == "READY"
 
 
