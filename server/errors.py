@@ -6,6 +6,7 @@
     ├── Unavailable             503 / UNAVAILABLE       not ready, shutting down
     │   └── Rejected                                    queue full, or timed out in the queue
     ├── Unsupported             501 / UNIMPLEMENTED     a protocol feature fuserve lacks
+    ├── PermissionDenied        403 / PERMISSION_DENIED a restricted API without the right header
     ├── BackendError            500 / INTERNAL          the model's execution failed
     └── ModelLoadError          400 / INVALID_ARGUMENT  a model could not be loaded
 
@@ -54,6 +55,14 @@ class BackendError(ServerError):
 class Unsupported(ServerError):
     http_status = 501
     grpc_code = grpc.StatusCode.UNIMPLEMENTED
+
+
+class PermissionDenied(ServerError):
+    """The call belongs to a restricted API group (--http-restricted-api, --grpc-restricted-protocol)
+    and does not carry the header or metadata that group asks for."""
+
+    http_status = 403
+    grpc_code = grpc.StatusCode.PERMISSION_DENIED
 
 
 class ModelLoadError(ServerError):

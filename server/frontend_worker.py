@@ -24,6 +24,7 @@ from typing import Any
 
 from . import ipc
 from ._proto import grpc_service_pb2 as pb
+from .context import CallContext
 from .errors import Unavailable
 from .frontends.grpc_server import CallError, GrpcServer, Method
 from .frontends.grpc_service import SERVICE, GrpcInfer, error_status
@@ -93,8 +94,8 @@ class SchedulerClient:
         return HttpResponse(status, body, content_type, headers)
 
     def grpc_forwarder(self, path: str) -> Any:
-        async def call(message: bytes) -> _Raw:
-            code, text, reply = await self._call("grpc", (path, message))
+        async def call(message: bytes, ctx: CallContext) -> _Raw:
+            code, text, reply = await self._call("grpc", (path, message, dict(ctx.headers), ctx.peer))
             if code:
                 raise CallError(code, text)  # the scheduler's answer, passed on as it is
             return _Raw(reply)

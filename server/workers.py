@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import ipc
+from .context import CallContext
 from .frontends.grpc_server import Method
 from .frontends.http_server import HttpRequest, HttpResponse
 from .service import InferenceService
@@ -87,14 +88,14 @@ class WorkerEndpoint:
         response: HttpResponse = await self.rest(HttpRequest(method, path, headers, body))
         self._send(("http", rid, (response.status, response.body, response.content_type, response.headers)))
 
-    async def _grpc(self, rid: int, payload: tuple[str, bytes]) -> None:
-        path, message = payload
+    async def _grpc(self, rid: int, payload: tuple[str, bytes, dict[str, str], str]) -> None:
+        path, message, metadata, peer = payload
         method = self.grpc_methods.get(path)
         if method is None or method.streaming:
             self._send(("grpc", rid, (12, f"unknown method {path}", b"")))
             return
         try:
-            reply = await method.call(method.parse(message))
+            reply = await method.call(method.parse(message), CallContext("grpc", metadata, peer))
             self._send(("grpc", rid, (0, "", reply.SerializeToString())))
         except Exception as exc:
             code, text = self.error_status(exc)

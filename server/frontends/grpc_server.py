@@ -28,6 +28,7 @@ from urllib.parse import quote
 import hpack
 import hpack.table
 
+from ..context import CallContext
 from ..framing import Reassembly
 
 log = logging.getLogger(__name__)
@@ -136,22 +137,26 @@ class CallError(Exception):
 class Method:
     """One RPC: `parse` turns the message bytes into a request, `call` answers it.
 
-    Unary: `call(request)` returns the reply message. Streaming (bidirectional): `call` is invoked
+    `call(request, ctx)` gets the call's `CallContext` (metadata, peer, deadline) with each message.
+    Unary: `call` returns the reply message. Streaming (bidirectional): `call` is invoked
     once per message on the stream and each reply goes back as soon as it is ready, in the order
     they complete; the call ends OK when the client has half-closed and every reply is sent.
     """
 
     parse: Callable[[bytes], Any]
-    call: Callable[[Any], Awaitable[Any]]
+    call: Callable[[Any, CallContext], Awaitable[Any]]
     streaming: bool = False
 
 
 ErrorStatus = Callable[[BaseException], tuple[int, str]]
+# Called with the method's path and the call's context when a stream opens, before anything runs;
+# raising (a ServerError) ends the call with that error's status. The access check sits here.
+Authorize = Callable[[str, CallContext], None]
 
 
 class Stream:
     __slots__ = ("sid", "method", "buf", "remote_closed", "send_window", "out", "out_trailers",
-                 "headers_sent", "tasks", "deadline", "encoding", "done", "request", "unacked")
+                 "headers_sent", "tasks", "deadline", "encoding", "done", "request", "unacked", "ctx")
 
     def __init__(self, sid: int, method: Method | None, send_window: int) -> None:
         self.sid = sid
@@ -168,6 +173,10 @@ class Stream:
         self.done = False
         self.request: bytes | None = None  # a unary call's message, held until the client half-closes
         self.unacked = 0  # bytes received and not yet returned by WINDOW_UPDATE
+        self.ctx: CallContext = _NO_CONTEXT
+
+
+_NO_CONTEXT = CallContext("grpc", {})
 
 
 class GrpcProtocol(asyncio.Protocol):
@@ -193,6 +202,7 @@ class GrpcProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
+        self.peer = _peer(transport)
         self.server.connections.add(self)
         settings = b"".join(_SETTING.pack(k, v) for k, v in (
             (S_MAX_CONCURRENT_STREAMS, _MAX_STREAMS), (S_INITIAL_WINDOW_SIZE, _OUR_STREAM_WINDOW),
@@ -380,8 +390,16 @@ class GrpcProtocol(asyncio.Protocol):
             return self._end(stream, UNIMPLEMENTED, f"unsupported grpc-encoding '{encoding}' (gzip and deflate are)")
         stream.encoding = encoding
         timeout = headers.get("grpc-timeout")
+        deadline = None
         if timeout is not None and (seconds := parse_timeout(timeout)) is not None:
             stream.deadline = self.loop.call_later(seconds, self._expire, stream)
+            deadline = stream.deadline.when()
+        stream.ctx = CallContext("grpc", headers, self.peer, deadline)
+        if self.server.authorize is not None:
+            try:
+                self.server.authorize(headers.get(":path", ""), stream.ctx)
+            except Exception as exc:
+                return self._end(stream, *self._status_of(exc))
         if flags & END_STREAM:
             self._remote_closed(stream)
 
@@ -490,7 +508,7 @@ class GrpcProtocol(asyncio.Protocol):
 
     async def _unary_call(self, stream: Stream, method: Method, message: bytes) -> None:
         try:
-            reply = await method.call(_parse(method, message))
+            reply = await method.call(_parse(method, message), stream.ctx)
             body = reply.SerializeToString()
         except asyncio.CancelledError:
             return  # reset, deadline or connection lost: _drop or _expire answer (or nobody listens)
@@ -501,7 +519,7 @@ class GrpcProtocol(asyncio.Protocol):
 
     async def _stream_call(self, stream: Stream, method: Method, message: bytes) -> None:
         try:
-            reply = await method.call(_parse(method, message))
+            reply = await method.call(_parse(method, message), stream.ctx)
             body = reply.SerializeToString()
         except asyncio.CancelledError:
             return
@@ -509,7 +527,10 @@ class GrpcProtocol(asyncio.Protocol):
             code, text = self._status_of(exc)
             return self._end(stream, code, text)
         self._reply(stream, body, end=False)
-        if stream.remote_closed and len(stream.tasks) <= 1 and not stream.done:  # this task is the last
+        # Leave the stream's task set now, not in the task's done callback (which runs a loop turn
+        # later): a half-close arriving in between would see this task still there and never end it.
+        stream.tasks.discard(cast(asyncio.Task, asyncio.current_task()))
+        if stream.remote_closed and not stream.tasks and not stream.done:  # this task was the last
             self._end(stream, OK, "")
 
     def _status_of(self, exc: BaseException) -> tuple[int, str]:
@@ -652,6 +673,11 @@ class GrpcProtocol(asyncio.Protocol):
             self._close()
 
 
+def _peer(transport: asyncio.BaseTransport) -> str:
+    name = transport.get_extra_info("peername")
+    return f"{name[0]}:{name[1]}" if isinstance(name, tuple) and len(name) >= 2 else ""
+
+
 def _parse(method: Method, message: bytes) -> Any:
     try:
         return method.parse(message)
@@ -667,8 +693,10 @@ class _ConnectionError(Exception):
 
 
 class GrpcServer:
-    def __init__(self, methods: dict[str, Method], *, max_message: int, error_status: ErrorStatus) -> None:
+    def __init__(self, methods: dict[str, Method], *, max_message: int, error_status: ErrorStatus,
+                 authorize: Authorize | None = None) -> None:
         self.methods = methods
+        self.authorize = authorize
         self.max_message = max_message
         # Partial messages one connection may hold before flow control stops its client: room for
         # four messages at the size limit (at least 1 MiB, at most HTTP/2's largest window).

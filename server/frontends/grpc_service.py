@@ -16,6 +16,7 @@ from google.protobuf import json_format
 
 from .._proto import grpc_service_pb2 as pb
 from ..codecs import v2_proto
+from ..context import CallContext
 from ..errors import ServerError, Unsupported, as_server_error
 from ..service import InferenceService
 from ..types import InferRequest, InferResponse
@@ -51,11 +52,11 @@ class GrpcInfer:
                 SERVICE + "ModelStreamInfer": Method(pb.ModelInferRequest.FromString, self.stream_infer,
                                                      streaming=True)}
 
-    async def model_infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+    async def model_infer(self, request: pb.ModelInferRequest, ctx: CallContext) -> pb.ModelInferResponse:
         response = await self.infer(v2_proto.decode_request(request))
         return v2_proto.encode_response(response)
 
-    async def stream_infer(self, request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
+    async def stream_infer(self, request: pb.ModelInferRequest, ctx: CallContext) -> pb.ModelStreamInferResponse:
         """One request on ModelStreamInfer: a failure becomes this reply's error_message, and the
         stream goes on."""
         try:
@@ -73,7 +74,7 @@ class GrpcFrontend:
         self.service = service
 
     def methods(self) -> dict[str, Method]:
-        handlers: dict[str, tuple[Any, Callable[[Any], Awaitable[Any]]]] = {
+        handlers: dict[str, tuple[Any, Callable[[Any, CallContext], Awaitable[Any]]]] = {
             "ServerLive": (pb.ServerLiveRequest, self.server_live),
             "ServerReady": (pb.ServerReadyRequest, self.server_ready),
             "ModelReady": (pb.ModelReadyRequest, self.model_ready),
@@ -91,20 +92,20 @@ class GrpcFrontend:
             methods[SERVICE + name] = Method(lambda data: data, _not_offered(name))
         return methods
 
-    async def server_live(self, request: pb.ServerLiveRequest) -> pb.ServerLiveResponse:
+    async def server_live(self, request: pb.ServerLiveRequest, ctx: CallContext) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=self.service.live)
 
-    async def server_ready(self, request: pb.ServerReadyRequest) -> pb.ServerReadyResponse:
+    async def server_ready(self, request: pb.ServerReadyRequest, ctx: CallContext) -> pb.ServerReadyResponse:
         return pb.ServerReadyResponse(ready=self.service.server_ready())
 
-    async def model_ready(self, request: pb.ModelReadyRequest) -> pb.ModelReadyResponse:
+    async def model_ready(self, request: pb.ModelReadyRequest, ctx: CallContext) -> pb.ModelReadyResponse:
         return pb.ModelReadyResponse(ready=self.service.model_ready(request.name, request.version))
 
-    async def server_metadata(self, request: pb.ServerMetadataRequest) -> pb.ServerMetadataResponse:
+    async def server_metadata(self, request: pb.ServerMetadataRequest, ctx: CallContext) -> pb.ServerMetadataResponse:
         md = self.service.server_metadata()
         return pb.ServerMetadataResponse(name=md["name"], version=md["version"], extensions=md["extensions"])
 
-    async def model_metadata(self, request: pb.ModelMetadataRequest) -> pb.ModelMetadataResponse:
+    async def model_metadata(self, request: pb.ModelMetadataRequest, ctx: CallContext) -> pb.ModelMetadataResponse:
         md = self.service.model_metadata(request.name, request.version)
         tm = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
@@ -113,30 +114,34 @@ class GrpcFrontend:
             outputs=[tm(name=t.name, datatype=t.datatype, shape=t.shape) for t in md.outputs],
         )
 
-    async def model_config(self, request: pb.ModelConfigRequest) -> pb.ModelConfigResponse:
+    async def model_config(self, request: pb.ModelConfigRequest, ctx: CallContext) -> pb.ModelConfigResponse:
         return pb.ModelConfigResponse(config=self.service.model_config(request.name, request.version))
 
-    async def model_statistics(self, request: pb.ModelStatisticsRequest) -> pb.ModelStatisticsResponse:
+    async def model_statistics(self, request: pb.ModelStatisticsRequest,
+            ctx: CallContext) -> pb.ModelStatisticsResponse:
         stats = self.service.statistics(request.name, request.version)
         return json_format.ParseDict(stats, pb.ModelStatisticsResponse(), ignore_unknown_fields=True)
 
-    async def repository_index(self, request: pb.RepositoryIndexRequest) -> pb.RepositoryIndexResponse:
+    async def repository_index(self, request: pb.RepositoryIndexRequest,
+            ctx: CallContext) -> pb.RepositoryIndexResponse:
         index = pb.RepositoryIndexResponse.ModelIndex
         rows = self.service.repository_index(request.ready)
         return pb.RepositoryIndexResponse(models=[index(**row) for row in rows])
 
-    async def repository_model_load(self, request: pb.RepositoryModelLoadRequest) -> pb.RepositoryModelLoadResponse:
+    async def repository_model_load(self, request: pb.RepositoryModelLoadRequest,
+            ctx: CallContext) -> pb.RepositoryModelLoadResponse:
         await self.service.load_model(request.model_name, v2_proto.parameters_from_proto(request.parameters))
         return pb.RepositoryModelLoadResponse()
 
     async def repository_model_unload(self,
-                                      request: pb.RepositoryModelUnloadRequest) -> pb.RepositoryModelUnloadResponse:
+                                      request: pb.RepositoryModelUnloadRequest,
+                                      ctx: CallContext) -> pb.RepositoryModelUnloadResponse:
         await self.service.unload_model(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 
 
-def _not_offered(name: str) -> Callable[[Any], Awaitable[Any]]:
-    async def call(request: Any) -> Any:
+def _not_offered(name: str) -> Callable[[Any, CallContext], Awaitable[Any]]:
+    async def call(request: Any, ctx: CallContext) -> Any:
         raise Unsupported(f"{name} is not supported by fuserve (no shared-memory, trace or log-settings extensions)")
     return call
 
