@@ -22,6 +22,7 @@ import struct
 import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from ssl import SSLContext
 from typing import Any, cast
 from urllib.parse import quote
 
@@ -706,14 +707,16 @@ class GrpcServer:
         self._server: asyncio.Server | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
 
-    async def start(self, host: str, port: int, sock: socket.socket | None = None) -> int:
-        """Listen on host:port, or accept on `sock`, a listening socket shared with other processes."""
+    async def start(self, host: str, port: int, sock: socket.socket | None = None,
+                    ssl: SSLContext | None = None) -> int:
+        """Listen on host:port, or accept on `sock`, a listening socket shared with other processes;
+        over TLS when `ssl` is given."""
         loop = self.loop = asyncio.get_running_loop()
         if sock is not None:
-            self._server = await loop.create_server(lambda: GrpcProtocol(self), sock=sock, backlog=2048)
+            self._server = await loop.create_server(lambda: GrpcProtocol(self), sock=sock, backlog=2048, ssl=ssl)
         else:
             self._server = await loop.create_server(lambda: GrpcProtocol(self), host, port, backlog=2048,
-                                                    reuse_address=True)
+                                                    reuse_address=True, ssl=ssl)
         return int(self._server.sockets[0].getsockname()[1])
 
     async def stop(self, grace: float = 1.0) -> None:

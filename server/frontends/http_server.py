@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from email.utils import formatdate
 from http import HTTPStatus
+from ssl import SSLContext
 from typing import cast
 
 import httptools
@@ -240,14 +241,16 @@ class HttpServer:
         self._server: asyncio.Server | None = None
         self.loop: asyncio.AbstractEventLoop | None = None  # set by start()
 
-    async def start(self, host: str, port: int, sock: socket.socket | None = None) -> int:
-        """Listen on host:port, or accept on `sock`, a listening socket shared with other processes."""
+    async def start(self, host: str, port: int, sock: socket.socket | None = None,
+                    ssl: SSLContext | None = None) -> int:
+        """Listen on host:port, or accept on `sock`, a listening socket shared with other processes;
+        over TLS when `ssl` is given."""
         loop = self.loop = asyncio.get_running_loop()  # kept: get_running_loop() costs a getpid()
         if sock is not None:
-            self._server = await loop.create_server(lambda: HttpProtocol(self), sock=sock, backlog=2048)
+            self._server = await loop.create_server(lambda: HttpProtocol(self), sock=sock, backlog=2048, ssl=ssl)
         else:
             self._server = await loop.create_server(lambda: HttpProtocol(self), host, port, backlog=2048,
-                                                    reuse_address=True)
+                                                    reuse_address=True, ssl=ssl)
         return int(self._server.sockets[0].getsockname()[1])
 
     async def stop(self) -> None:
