@@ -128,7 +128,7 @@ def ours_grpc(port: int) -> None:
 
     reply = pb.ModelInferResponse.FromString(_canned_grpc())
 
-    async def infer(request: object) -> object:
+    async def infer(request: object, ctx: object) -> object:
         return reply
 
     async def main() -> None:
