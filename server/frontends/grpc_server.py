@@ -1,16 +1,17 @@
-"""A lean gRPC server on asyncio: HTTP/2 framing (RFC 9113) and gRPC's message framing, nothing else.
+"""gRPC on asyncio, over the sans-IO HTTP/2 core in `server/http2/`: the transport under the gRPC
+frontend (`frontends/grpc_service.py`), as `http_server.py` is under REST.
 
-It is the transport under the gRPC frontend (`frontends/grpc_service.py`), as `http_server.py` is
-under REST. grpc.aio costs ~650 us of CPU per call in its C core and thread hand-offs (docs/perf.md);
-this layer parses frames with `struct`, decodes header blocks with the `hpack` library (a block
-already seen on the connection, with the decoder's table unchanged since, is not decoded again),
-and answers a unary call with one write of pre-encoded headers, the message and trailers.
+This layer moves bytes between the socket and `H2Connection`, applies backpressure, and does
+gRPC's part: message framing, gzip/deflate, the message size limit (RESOURCE_EXHAUSTED), methods
+(unary and bidirectional streaming), one task per call, `grpc-timeout` deadlines
+(DEADLINE_EXCEEDED), and the access check (`authorize`) before any method runs. RST_STREAM, a
+deadline or a dropped connection cancel the call's tasks, which drops queued work. A unary call
+is answered with one write: pre-encoded headers, the message and trailers.
 
-What it does: h2c with prior knowledge (what every gRPC client speaks), SETTINGS/PING/GOAWAY,
-flow control both ways, CONTINUATION, padding, RST_STREAM (the call's task is cancelled, so queued
-work is dropped), `grpc-timeout` (DEADLINE_EXCEEDED, work cancelled), gzip/deflate messages, a
-message size limit (RESOURCE_EXHAUSTED), unary and bidirectional-streaming methods. Not: TLS,
-server push, HTTP/1.1 upgrade, compressing replies (allowed: replies are sent uncompressed).
+Backpressure: reading stops while the socket's write buffer is above its high-water mark
+(`pause_writing`), and while input is left over from the HTTP/2 core's per-turn frame budget (the
+rest is parsed on the next loop turn, after other connections had theirs). While the socket is
+full, replies wait on their streams, counted against `max_held_reply_bytes`.
 """
 
 from __future__ import annotations
@@ -26,71 +27,20 @@ from ssl import SSLContext
 from typing import Any, cast
 from urllib.parse import quote
 
-import hpack
-import hpack.table
-
 from ..context import CallContext
-from ..framing import Reassembly
+from ..http2 import connection as h2
+from ..http2.frames import MAX_WINDOW, STATUS_200, literal
 
 log = logging.getLogger(__name__)
-
-PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-
-# frame types
-DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = range(10)
-# flags
-END_STREAM = 0x1
-ACK = 0x1
-END_HEADERS = 0x4
-PADDED = 0x8
-PRIORITY_FLAG = 0x20
-# error codes
-NO_ERROR, PROTOCOL_ERROR, FLOW_CONTROL_ERROR = 0, 1, 3
-STREAM_CLOSED, FRAME_SIZE_ERROR, REFUSED_STREAM, COMPRESSION_ERROR = 5, 6, 7, 9
-# settings
-S_ENABLE_PUSH, S_MAX_CONCURRENT_STREAMS, S_INITIAL_WINDOW_SIZE, S_MAX_FRAME_SIZE, S_MAX_HEADER_LIST_SIZE = 2, 3, 4, 5, 6
 
 # gRPC status codes the transport itself answers with
 OK, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, UNIMPLEMENTED, INTERNAL = 0, 4, 8, 12, 13
 
-_FRAME_HEAD = struct.Struct(">BHBBL")  # length (24 bits as 8 + 16), type, flags, stream id
 _MSG_HEAD = struct.Struct(">BL")  # gRPC message: compressed flag, length
-_SETTING = struct.Struct(">HL")
-_U32 = struct.Struct(">L")
-
-_MAX_WINDOW = 2**31 - 1
-_OUR_STREAM_WINDOW = 4 * 1024 * 1024  # per stream: what a client may send ahead of us
-_OUR_MAX_FRAME = 1024 * 1024
-_MAX_STREAMS = 1024  # concurrent streams per connection
-_MAX_HEADER_BLOCK = 64 * 1024
 _TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
+_WRITE_HIGH, _WRITE_LOW = 1 << 20, 256 << 10  # socket write buffer marks: pause reading above
 
-
-def frame(ftype: int, flags: int, sid: int, payload: bytes = b"") -> bytes:
-    n = len(payload)
-    return _FRAME_HEAD.pack(n >> 16, n & 0xFFFF, ftype, flags, sid) + payload
-
-
-def _hpack_int(value: int, prefix_bits: int) -> bytes:
-    limit = (1 << prefix_bits) - 1
-    if value < limit:
-        return bytes([value])
-    out = bytearray([limit])
-    value -= limit
-    while value >= 128:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def literal(name: bytes, value: bytes) -> bytes:
-    """One header as an HPACK literal without indexing: the same bytes whatever the table holds."""
-    return b"\x00" + _hpack_int(len(name), 7) + name + _hpack_int(len(value), 7) + value
-
-
-_STATUS_200 = b"\x88"  # static table entry 8
-_REPLY_HEADERS = _STATUS_200 + literal(b"content-type", b"application/grpc") + literal(
+_REPLY_HEADERS = STATUS_200 + literal(b"content-type", b"application/grpc") + literal(
     b"grpc-accept-encoding", b"identity,deflate,gzip")
 _TRAILERS_OK = literal(b"grpc-status", b"0")
 
@@ -107,22 +57,6 @@ def parse_timeout(value: str) -> float | None:
     if 2 <= len(value) <= 9 and value[:-1].isdigit() and value[-1] in _TIMEOUT_UNITS:
         return int(value[:-1]) * _TIMEOUT_UNITS[value[-1]]
     return None
-
-
-class _VersionedTable(hpack.table.HeaderTable):
-    """The decoder's dynamic table, counting every change so decoded blocks can be reused safely."""
-
-    generation = 0
-
-    def add(self, name: bytes, value: bytes) -> None:
-        self.generation += 1
-        super().add(name, value)
-
-    def _set_maxsize(self, newmax: int) -> None:
-        self.generation += 1
-        hpack.table.HeaderTable.maxsize.fset(self, newmax)  # type: ignore[attr-defined]
-
-    maxsize = property(hpack.table.HeaderTable.maxsize.fget, _set_maxsize)  # type: ignore[attr-defined]
 
 
 class CallError(Exception):
@@ -155,29 +89,21 @@ ErrorStatus = Callable[[BaseException], tuple[int, str]]
 Authorize = Callable[[str, CallContext], None]
 
 
-class Stream:
-    __slots__ = ("sid", "method", "buf", "remote_closed", "send_window", "out", "out_trailers",
-                 "headers_sent", "tasks", "deadline", "encoding", "done", "request", "unacked", "ctx")
+class Call:
+    """One gRPC call (one HTTP/2 stream) as this layer sees it."""
 
-    def __init__(self, sid: int, method: Method | None, send_window: int) -> None:
+    __slots__ = ("sid", "method", "ctx", "encoding", "buf", "request", "tasks", "deadline", "done")
+
+    def __init__(self, sid: int, method: Method, ctx: CallContext, encoding: str) -> None:
         self.sid = sid
         self.method = method
-        self.buf = bytearray()
-        self.remote_closed = False
-        self.send_window = send_window
-        self.out: list[bytes] = []  # DATA payload waiting for flow-control window
-        self.out_trailers: bytes | None = None  # trailers waiting behind `out`
-        self.headers_sent = False
-        self.tasks: set[asyncio.Task] = set()
-        self.deadline: asyncio.TimerHandle | None = None
-        self.encoding = "identity"
-        self.done = False
+        self.ctx = ctx
+        self.encoding = encoding
+        self.buf = bytearray()  # a message not yet whole
         self.request: bytes | None = None  # a unary call's message, held until the client half-closes
-        self.unacked = 0  # bytes received and not yet returned by WINDOW_UPDATE
-        self.ctx: CallContext = _NO_CONTEXT
-
-
-_NO_CONTEXT = CallContext("grpc", {})
+        self.tasks: set[asyncio.Task] = set()  # a task leaves this set itself, as it finishes
+        self.deadline: asyncio.TimerHandle | None = None
+        self.done = False  # trailers queued (or the stream reset): nothing more is sent
 
 
 class GrpcProtocol(asyncio.Protocol):
@@ -185,480 +111,280 @@ class GrpcProtocol(asyncio.Protocol):
         self.server = server
         self.loop = cast(asyncio.AbstractEventLoop, server.loop)
         self.transport: asyncio.Transport | None = None
-        self.input = Reassembly()
-        self.preface_seen = False
-        self.streams: dict[int, Stream] = {}
-        self.last_sid = 0
-        self.send_window = 65535  # the peer's connection window for what we send
-        self.peer_initial_window = 65535
-        self.peer_max_frame = 16384
-        self.unacked = 0
-        self.decoder = hpack.Decoder(max_header_list_size=_MAX_HEADER_BLOCK)
-        self.table = self.decoder.header_table = _VersionedTable()
-        self.header_cache: dict[bytes, tuple[int, dict[str, str]]] = {}
-        self.pending_block: tuple[int, int, bytearray] | None = None  # sid, flags, fragments so far
-        self.goaway_sent = False
+        self.conn = h2.H2Connection(server.limits)
+        self.conn.held_input = self._held_input
+        self.calls: dict[int, Call] = {}
+        self.peer = ""
+        self.write_paused = False
+        self.parse_pending = False  # input left for the next loop turn (the frame budget)
 
     # ---- asyncio.Protocol ----------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
-        self.peer = _peer(transport)
+        self.transport.set_write_buffer_limits(_WRITE_HIGH, _WRITE_LOW)
+        name = transport.get_extra_info("peername")
+        self.peer = f"{name[0]}:{name[1]}" if isinstance(name, tuple) and len(name) >= 2 else ""
         self.server.connections.add(self)
-        settings = b"".join(_SETTING.pack(k, v) for k, v in (
-            (S_MAX_CONCURRENT_STREAMS, _MAX_STREAMS), (S_INITIAL_WINDOW_SIZE, _OUR_STREAM_WINDOW),
-            (S_MAX_FRAME_SIZE, _OUR_MAX_FRAME), (S_MAX_HEADER_LIST_SIZE, _MAX_HEADER_BLOCK), (S_ENABLE_PUSH, 0)))
-        self.transport.write(frame(SETTINGS, 0, 0, settings)
-                             + frame(WINDOW_UPDATE, 0, 0, _U32.pack(self.server.buffer_limit - 65535)))
+        self._write_out()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
         self.transport = None
-        for stream in list(self.streams.values()):
-            self._drop(stream)  # the client went away: its calls are cancelled, queued work dropped
+        for call in list(self.calls.values()):
+            self._drop(call)  # the client went away: its calls are cancelled, queued work dropped
 
     def data_received(self, data: bytes) -> None:
-        buf = self.input.feed(data)
-        if buf is None:
+        self._handle(self.conn.receive_data(data))
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        self.conn.set_output_blocked(True)
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self.conn.set_output_blocked(False)
+        self._write_out()
+        if self.transport is not None and not self.parse_pending:
+            self.transport.resume_reading()
+
+    def _parse_more(self) -> None:
+        self.parse_pending = False
+        if self.transport is None:
             return
-        pos = 0
-        if not self.preface_seen:
-            if len(buf) < len(PREFACE):
-                if not PREFACE.startswith(buf):
-                    return self._abort(PROTOCOL_ERROR, "not an HTTP/2 connection preface")
-                return self.input.keep(buf, 0)
-            if not buf.startswith(PREFACE):
-                return self._abort(PROTOCOL_ERROR, "not an HTTP/2 connection preface")
-            self.preface_seen = True
-            pos = len(PREFACE)
-        end = len(buf)
-        unpack = _FRAME_HEAD.unpack_from
-        while end - pos >= 9 and self.transport is not None:
-            hi, lo, ftype, flags, sid = unpack(buf, pos)
-            length = (hi << 16) | lo
-            if length > _OUR_MAX_FRAME:
-                return self._abort(FRAME_SIZE_ERROR, f"frame of {length} bytes exceeds SETTINGS_MAX_FRAME_SIZE")
-            if end - pos - 9 < length:
-                return self.input.keep(buf, pos, 9 + length)
-            payload = buf[pos + 9:pos + 9 + length]
-            pos += 9 + length
-            try:
-                self._frame(ftype, flags, sid & 0x7FFFFFFF, payload)
-            except _ConnectionError as exc:
-                return self._abort(exc.code, exc.message)
-        self.input.keep(buf, pos)
+        self._handle(self.conn.receive_data(b""))
+        if not self.parse_pending and not self.write_paused and self.transport is not None:
+            self.transport.resume_reading()
 
-    # ---- frames --------------------------------------------------------------------------------
+    # ---- events from the HTTP/2 core -----------------------------------------------------------
 
-    def _frame(self, ftype: int, flags: int, sid: int, payload: bytes) -> None:
-        if self.pending_block is not None and ftype != CONTINUATION:
-            raise _ConnectionError(PROTOCOL_ERROR, "expected a CONTINUATION frame")
-        if ftype == DATA:
-            self._data(flags, sid, payload)
-        elif ftype == HEADERS:
-            self._headers(flags, sid, payload)
-        elif ftype == WINDOW_UPDATE:
-            self._window_update(sid, payload)
-        elif ftype == SETTINGS:
-            self._settings(flags, sid, payload)
-        elif ftype == PING:
-            if len(payload) != 8 or sid:
-                raise _ConnectionError(FRAME_SIZE_ERROR if len(payload) != 8 else PROTOCOL_ERROR, "bad PING frame")
-            if not flags & ACK:
-                self._write(frame(PING, ACK, 0, payload))
-        elif ftype == RST_STREAM:
-            if len(payload) != 4 or not sid:
-                raise _ConnectionError(PROTOCOL_ERROR, "bad RST_STREAM frame")
-            stream = self.streams.get(sid)
-            if stream is not None:
-                self._drop(stream)
-        elif ftype == CONTINUATION:
-            self._continuation(flags, sid, payload)
-        elif ftype == GOAWAY:
-            self.goaway_sent = True  # the peer is leaving: finish what is open, then close
-            if not self.streams:
-                self._close()
-        elif ftype == PUSH_PROMISE:
-            raise _ConnectionError(PROTOCOL_ERROR, "clients cannot push")
-        # PRIORITY and unknown frame types are ignored, as the RFC asks
+    def _handle(self, events: list[h2.Event]) -> None:
+        for kind, sid, payload, end in events:
+            if kind == h2.DATA_RECEIVED:
+                call = self.calls.get(sid)
+                if call is not None and not call.done:
+                    self._data(call, payload)
+                    if end:
+                        self._remote_closed(call)
+            elif kind == h2.REQUEST:
+                self._request(sid, payload, end)
+            elif kind == h2.STREAM_ENDED:
+                call = self.calls.get(sid)
+                if call is not None and not call.done:
+                    self._remote_closed(call)
+            elif kind == h2.STREAM_RESET:
+                call = self.calls.get(sid)
+                if call is not None:
+                    self._drop(call)
+        if self.conn.more_input and self.transport is not None:
+            self.parse_pending = True
+            self.transport.pause_reading()
+            self.loop.call_soon(self._parse_more)
+        self._write_out()
 
-    def _settings(self, flags: int, sid: int, payload: bytes) -> None:
-        if sid:
-            raise _ConnectionError(PROTOCOL_ERROR, "SETTINGS on a stream")
-        if flags & ACK:
-            return
-        if len(payload) % 6:
-            raise _ConnectionError(FRAME_SIZE_ERROR, "SETTINGS payload is not a multiple of 6")
-        for i in range(0, len(payload), 6):
-            key, value = _SETTING.unpack_from(payload, i)
-            if key == S_INITIAL_WINDOW_SIZE:
-                if value > _MAX_WINDOW:
-                    raise _ConnectionError(FLOW_CONTROL_ERROR, "SETTINGS_INITIAL_WINDOW_SIZE too large")
-                delta = value - self.peer_initial_window
-                self.peer_initial_window = value
-                for stream in self.streams.values():
-                    stream.send_window += delta
-            elif key == S_MAX_FRAME_SIZE:
-                if not 16384 <= value <= 16777215:
-                    raise _ConnectionError(PROTOCOL_ERROR, "SETTINGS_MAX_FRAME_SIZE out of range")
-                self.peer_max_frame = value
-            # header table size: our replies never use the dynamic table, so nothing to do
-        self._write(frame(SETTINGS, ACK, 0))
-        self._flush_all()
-
-    def _window_update(self, sid: int, payload: bytes) -> None:
-        if len(payload) != 4:
-            raise _ConnectionError(FRAME_SIZE_ERROR, "WINDOW_UPDATE payload is not 4 bytes")
-        increment = _U32.unpack(payload)[0] & 0x7FFFFFFF
-        if sid == 0:
-            if not increment:
-                raise _ConnectionError(PROTOCOL_ERROR, "WINDOW_UPDATE of 0")
-            self.send_window += increment
-            if self.send_window > _MAX_WINDOW:
-                raise _ConnectionError(FLOW_CONTROL_ERROR, "connection window overflow")
-            self._flush_all()
-            return
-        stream = self.streams.get(sid)
-        if stream is not None:
-            stream.send_window += increment
-            self._flush(stream)
-
-    def _headers(self, flags: int, sid: int, payload: bytes) -> None:
-        if sid % 2 == 0:
-            raise _ConnectionError(PROTOCOL_ERROR, "client streams have odd identifiers")
-        start, end = 0, len(payload)
-        if flags & PADDED:
-            if not payload:
-                raise _ConnectionError(PROTOCOL_ERROR, "PADDED HEADERS frame without a pad length")
-            start, end = 1, len(payload) - payload[0]
-        if flags & PRIORITY_FLAG:
-            start += 5
-        if start > end or end > len(payload):
-            raise _ConnectionError(PROTOCOL_ERROR, "HEADERS padding exceeds the frame")
-        if flags & END_HEADERS:
-            self._header_block(sid, flags, payload[start:end])
-        else:
-            self.pending_block = (sid, flags, bytearray(payload[start:end]))
-
-    def _continuation(self, flags: int, sid: int, payload: bytes) -> None:
-        if self.pending_block is None or self.pending_block[0] != sid:
-            raise _ConnectionError(PROTOCOL_ERROR, "unexpected CONTINUATION frame")
-        block = self.pending_block[2]
-        block += payload
-        if len(block) > _MAX_HEADER_BLOCK:
-            raise _ConnectionError(PROTOCOL_ERROR, "header block too large")
-        if flags & END_HEADERS:
-            first_flags = self.pending_block[1]
-            self.pending_block = None
-            self._header_block(sid, first_flags, bytes(block))
-
-    def _decode_headers(self, block: bytes) -> dict[str, str]:
-        cached = self.header_cache.get(block)
-        table = self.table
-        if cached is not None and cached[0] == table.generation:
-            return cached[1]
-        try:
-            headers = cast(dict[str, str], dict(self.decoder.decode(block)))
-        except hpack.HPACKError as exc:
-            raise _ConnectionError(COMPRESSION_ERROR, f"cannot decode header block: {exc}") from None
-        if len(self.header_cache) >= 256:
-            self.header_cache.clear()
-        self.header_cache[block] = (table.generation, headers)
-        return headers
-
-    def _header_block(self, sid: int, flags: int, block: bytes) -> None:
-        headers = self._decode_headers(block)  # always: the decoder's table must follow the peer's
-        stream = self.streams.get(sid)
-        if stream is not None:  # trailers from the client: only END_STREAM matters
-            if flags & END_STREAM:
-                self._remote_closed(stream)
-            return
-        if sid <= self.last_sid:
-            raise _ConnectionError(STREAM_CLOSED, f"stream {sid} was already used")
-        self.last_sid = sid
-        if self.goaway_sent:
-            return self._write(frame(RST_STREAM, 0, sid, _U32.pack(REFUSED_STREAM)))
-        if len(self.streams) >= _MAX_STREAMS:
-            return self._write(frame(RST_STREAM, 0, sid, _U32.pack(REFUSED_STREAM)))
-        method = self.server.methods.get(headers.get(":path", ""))
-        stream = self.streams[sid] = Stream(sid, method, self.peer_initial_window)
+    def _request(self, sid: int, headers: dict[str, str], end: bool) -> None:
+        path = headers.get(":path", "")
         if headers.get(":method") != "POST" or not headers.get("content-type", "").startswith("application/grpc"):
-            return self._end(stream, INTERNAL, "not a gRPC request: expected POST with content-type application/grpc")
+            return self._refuse(sid, INTERNAL, "not a gRPC request: expected POST with content-type application/grpc")
+        method = self.server.methods.get(path)
         if method is None:
-            return self._end(stream, UNIMPLEMENTED, f"unknown method {headers.get(':path', '')}")
+            return self._refuse(sid, UNIMPLEMENTED, f"unknown method {path}")
         encoding = headers.get("grpc-encoding", "identity")
         if encoding not in ("identity", "gzip", "deflate"):
-            return self._end(stream, UNIMPLEMENTED, f"unsupported grpc-encoding '{encoding}' (gzip and deflate are)")
-        stream.encoding = encoding
+            return self._refuse(sid, UNIMPLEMENTED, f"unsupported grpc-encoding '{encoding}' (gzip and deflate are)")
         timeout = headers.get("grpc-timeout")
-        deadline = None
-        if timeout is not None and (seconds := parse_timeout(timeout)) is not None:
-            stream.deadline = self.loop.call_later(seconds, self._expire, stream)
-            deadline = stream.deadline.when()
-        stream.ctx = CallContext("grpc", headers, self.peer, deadline)
+        seconds = parse_timeout(timeout) if timeout is not None else None
+        deadline = None if seconds is None else self.loop.time() + seconds
+        call = Call(sid, method, CallContext("grpc", headers, self.peer, deadline), encoding)
         if self.server.authorize is not None:
             try:
-                self.server.authorize(headers.get(":path", ""), stream.ctx)
+                self.server.authorize(path, call.ctx)
             except Exception as exc:
-                return self._end(stream, *self._status_of(exc))
-        if flags & END_STREAM:
-            self._remote_closed(stream)
+                return self._refuse(sid, *self._status_of(exc))
+        self.calls[sid] = call
+        if deadline is not None:
+            call.deadline = self.loop.call_at(deadline, self._expire, call)
+        if end:
+            self._remote_closed(call)
 
-    def _data(self, flags: int, sid: int, payload: bytes) -> None:
-        size = len(payload)
-        self.unacked += size
-        stream = self.streams.get(sid)
-        if stream is None or stream.remote_closed:
-            if sid == 0 or sid > self.last_sid:
-                raise _ConnectionError(PROTOCOL_ERROR, f"DATA on idle stream {sid}")
-            return  # a stream we already ended: drop it (the window above still counts it)
-        if flags & PADDED:
-            if not payload or payload[0] >= size:
-                raise _ConnectionError(PROTOCOL_ERROR, "DATA padding exceeds the frame")
-            payload = payload[1:size - payload[0]]
-        if not stream.done:
-            stream.unacked += size
-            if stream.unacked >= _OUR_STREAM_WINDOW // 2 and not flags & END_STREAM:
-                self._write(frame(WINDOW_UPDATE, 0, sid, _U32.pack(stream.unacked)))
-                stream.unacked = 0
-            if stream.buf:
-                stream.buf += payload
-                self._messages(stream, stream.buf)
-            elif payload:
-                rest = self._messages(stream, payload)
-                if rest and not stream.done:
-                    stream.buf += rest
-        if flags & END_STREAM:
-            self._remote_closed(stream)
-        self._refill()
+    def _refuse(self, sid: int, code: int, message: str) -> None:
+        """Answer a stream that never became a call: trailers-only, then (if the client is still
+        sending) RST_STREAM, both from the core."""
+        self.conn.send_trailers(sid, _REPLY_HEADERS + status_block(code, message))
 
-    def _refill(self) -> None:
-        """Return the connection's window to the client once half of it is used, unless the partial
-        messages held for it already fill `buffer_limit`: then flow control makes the client wait
-        until messages complete (a connection never holds more than about twice the limit)."""
-        if self.unacked < self.server.buffer_limit // 2 or self.transport is None:
-            return
-        held = sum(len(s.buf) + len(s.request or b"") for s in self.streams.values())
-        if held < self.server.buffer_limit:
-            self._write(frame(WINDOW_UPDATE, 0, 0, _U32.pack(self.unacked)))
-            self.unacked = 0
+    def _held_input(self) -> int:
+        return sum(len(c.buf) + len(c.request or b"") for c in self.calls.values())
 
-    def _messages(self, stream: Stream, data: bytes | bytearray) -> bytes | bytearray:
-        """Take every complete gRPC message off `data`; returns what is left (or trims stream.buf)."""
+    def _data(self, call: Call, payload: memoryview) -> None:
+        if call.buf:
+            call.buf += payload
+            self._messages(call, call.buf)
+        elif payload:
+            rest = self._messages(call, payload)
+            if rest and not call.done:
+                call.buf += rest
+
+    def _messages(self, call: Call, data: memoryview | bytearray) -> memoryview | bytearray:
+        """Take every complete gRPC message off `data`; returns what is left (or trims call.buf)."""
         pos, end = 0, len(data)
         limit = self.server.max_message
-        while end - pos >= 5 and not stream.done:
+        while end - pos >= 5 and not call.done:
             compressed, length = _MSG_HEAD.unpack_from(data, pos)
             if length > limit:
-                self._end(stream, RESOURCE_EXHAUSTED,
+                self._end(call, RESOURCE_EXHAUSTED,
                           f"received message of {length} bytes exceeds the {limit}-byte limit")
-                return b""
+                return bytearray()
             if end - pos - 5 < length:
                 break
             message = bytes(data[pos + 5:pos + 5 + length])
             pos += 5 + length
-            self._message(stream, compressed, message)
-        if data is stream.buf:
-            del stream.buf[:pos]
-            return stream.buf
+            self._message(call, compressed, message)
+        if data is call.buf:
+            del call.buf[:pos]
+            return call.buf
         return data[pos:]
 
-    def _message(self, stream: Stream, compressed: int, message: bytes) -> None:
-        method = cast(Method, stream.method)
-        if stream.request is not None:
-            return self._end(stream, INTERNAL, "a unary call carries one request message")
+    def _message(self, call: Call, compressed: int, message: bytes) -> None:
+        if call.request is not None:
+            return self._end(call, INTERNAL, "a unary call carries one request message")
         if compressed:
-            if stream.encoding == "identity":
-                return self._end(stream, INTERNAL, "compressed message without grpc-encoding")
-            wbits = 16 + zlib.MAX_WBITS if stream.encoding == "gzip" else zlib.MAX_WBITS
+            if call.encoding == "identity":
+                return self._end(call, INTERNAL, "compressed message without grpc-encoding")
+            wbits = 16 + zlib.MAX_WBITS if call.encoding == "gzip" else zlib.MAX_WBITS
             try:
                 d = zlib.decompressobj(wbits)
                 message = d.decompress(message, self.server.max_message + 1)
             except zlib.error as exc:
-                return self._end(stream, INTERNAL, f"cannot decompress the message: {exc}")
+                return self._end(call, INTERNAL, f"cannot decompress the message: {exc}")
             if len(message) > self.server.max_message:
-                return self._end(stream, RESOURCE_EXHAUSTED,
+                return self._end(call, RESOURCE_EXHAUSTED,
                                  f"decompressed message exceeds the {self.server.max_message}-byte limit")
-        if method.streaming:
-            self._start(stream, self._stream_call(stream, method, message))
+        if call.method.streaming:
+            self._start(call, self._stream_call(call, message))
         else:  # a unary call starts when the client half-closes (_remote_closed)
-            stream.request = message
+            call.request = message
 
-    def _remote_closed(self, stream: Stream) -> None:
-        stream.remote_closed = True
-        if stream.done:
+    def _remote_closed(self, call: Call) -> None:
+        if call.buf:
+            return self._end(call, INTERNAL, "the stream ended inside a message")
+        if call.method.streaming:
+            if not call.tasks:
+                self._end(call, OK, "")
             return
-        method = cast(Method, stream.method)
-        if stream.buf:
-            return self._end(stream, INTERNAL, "the stream ended inside a message")
-        if method.streaming:
-            if not stream.tasks:
-                self._end(stream, OK, "")
-            return
-        if stream.request is None:
-            return self._end(stream, INTERNAL, "a unary call needs one request message; none was sent")
-        message, stream.request = stream.request, None
-        self._start(stream, self._unary_call(stream, method, message))
+        if call.request is None:
+            return self._end(call, INTERNAL, "a unary call needs one request message; none was sent")
+        message, call.request = call.request, None
+        self._start(call, self._unary_call(call, message))
 
     # ---- calls ---------------------------------------------------------------------------------
 
-    def _start(self, stream: Stream, coro: Any) -> None:
-        task = self.loop.create_task(coro)
-        stream.tasks.add(task)
-        task.add_done_callback(stream.tasks.discard)
+    def _start(self, call: Call, coro: Any) -> None:
+        call.tasks.add(self.loop.create_task(coro))
 
-    async def _unary_call(self, stream: Stream, method: Method, message: bytes) -> None:
+    async def _unary_call(self, call: Call, message: bytes) -> None:
         try:
-            reply = await method.call(_parse(method, message), stream.ctx)
+            reply = await call.method.call(_parse(call.method, message), call.ctx)
             body = reply.SerializeToString()
         except asyncio.CancelledError:
             return  # reset, deadline or connection lost: _drop or _expire answer (or nobody listens)
         except Exception as exc:
-            code, text = self._status_of(exc)
-            return self._end(stream, code, text)
-        self._reply(stream, body, end=True)
+            return self._end(call, *self._status_of(exc))
+        finally:
+            call.tasks.discard(cast(asyncio.Task, asyncio.current_task()))
+        self._reply(call, body, end=True)
 
-    async def _stream_call(self, stream: Stream, method: Method, message: bytes) -> None:
+    async def _stream_call(self, call: Call, message: bytes) -> None:
         try:
-            reply = await method.call(_parse(method, message), stream.ctx)
+            reply = await call.method.call(_parse(call.method, message), call.ctx)
             body = reply.SerializeToString()
         except asyncio.CancelledError:
             return
         except Exception as exc:  # the frontend answers per-message errors itself; this is a last resort
-            code, text = self._status_of(exc)
-            return self._end(stream, code, text)
-        self._reply(stream, body, end=False)
-        # Leave the stream's task set now, not in the task's done callback (which runs a loop turn
-        # later): a half-close arriving in between would see this task still there and never end it.
-        stream.tasks.discard(cast(asyncio.Task, asyncio.current_task()))
-        if stream.remote_closed and not stream.tasks and not stream.done:  # this task was the last
-            self._end(stream, OK, "")
+            return self._end(call, *self._status_of(exc))
+        finally:
+            # Leave the set now, not in a done callback a loop turn later: a half-close arriving in
+            # between would see this task still there and the stream would never end.
+            call.tasks.discard(cast(asyncio.Task, asyncio.current_task()))
+        self._reply(call, body, end=False)
+        stream = self.conn.streams.get(call.sid)
+        if stream is not None and stream.remote_closed and not call.tasks and not call.done:  # the last one
+            self._end(call, OK, "")
 
     def _status_of(self, exc: BaseException) -> tuple[int, str]:
         if isinstance(exc, CallError):
             return exc.code, exc.message
         return self.server.error_status(exc)
 
-    def _expire(self, stream: Stream) -> None:
-        stream.deadline = None
-        if not stream.done:
-            for task in list(stream.tasks):
-                task.cancel()
-            self._end(stream, DEADLINE_EXCEEDED, "deadline exceeded")
+    def _expire(self, call: Call) -> None:
+        call.deadline = None
+        if not call.done:
+            self._end(call, DEADLINE_EXCEEDED, "deadline exceeded")
 
     # ---- replies -------------------------------------------------------------------------------
 
-    def _reply(self, stream: Stream, body: bytes, end: bool) -> None:
-        if stream.done or self.transport is None:
+    def _reply(self, call: Call, body: bytes, end: bool) -> None:
+        if call.done or self.transport is None:
             return
-        data = _MSG_HEAD.pack(0, len(body)) + body
-        head = b""
+        conn = self.conn
+        stream = conn.streams[call.sid]
         if not stream.headers_sent:
-            stream.headers_sent = True
-            head = frame(HEADERS, END_HEADERS, stream.sid, _REPLY_HEADERS)
-        trailers = frame(HEADERS, END_HEADERS | END_STREAM, stream.sid, _TRAILERS_OK) if end else None
-        n = len(data)
-        if not stream.out and n <= self.send_window and n <= stream.send_window and n <= self.peer_max_frame:
-            self.send_window -= n
-            stream.send_window -= n
-            self.transport.write(head + frame(DATA, 0, stream.sid, data) + (trailers or b""))
-            if end:
-                self._finish(stream)
-            return
-        if head:
-            self.transport.write(head)
-        stream.out.append(data)
+            conn.send_headers(call.sid, _REPLY_HEADERS)
+        conn.send_data(call.sid, _MSG_HEAD.pack(0, len(body)) + body)
         if end:
-            stream.out_trailers = trailers
-            stream.done = True
-            self._cancel_deadline(stream)
-        self._flush(stream)
+            self._close_call(call)
+            conn.send_trailers(call.sid, _TRAILERS_OK)
+        self._write_out()
 
-    def _end(self, stream: Stream, code: int, message: str) -> None:
-        """Ends the call with `code`: trailers (or trailers-only headers) then, if the client is
-        still sending, RST_STREAM so it stops."""
-        if stream.done:
+    def _end(self, call: Call, code: int, message: str) -> None:
+        """End the call with `code`: trailers (or a trailers-only response) after any reply still
+        held for window; the core resets the stream if the client is still sending."""
+        if call.done:
             return
-        if stream.headers_sent:
-            trailers = frame(HEADERS, END_HEADERS | END_STREAM, stream.sid, status_block(code, message))
-        else:
-            stream.headers_sent = True
-            trailers = frame(HEADERS, END_HEADERS | END_STREAM, stream.sid,
-                             _REPLY_HEADERS + status_block(code, message))
-        for task in list(stream.tasks):
+        self._close_call(call)
+        stream = self.conn.streams.get(call.sid)
+        if stream is not None:
+            self.conn.send_trailers(call.sid, status_block(code, message) if stream.headers_sent
+                                    else _REPLY_HEADERS + status_block(code, message))
+        self._write_out()
+
+    def _close_call(self, call: Call) -> None:
+        """Nothing more will be sent for `call`: stop its other tasks, its deadline, its input."""
+        call.done = True
+        for task in list(call.tasks):
             if task is not asyncio.current_task():
                 task.cancel()
-        stream.buf = bytearray()
-        if stream.out:
-            stream.out_trailers = trailers
-            stream.done = True
-            self._cancel_deadline(stream)
-            self._flush(stream)
-            return
-        self._write(trailers)
-        self._finish(stream)
+        if call.deadline is not None:
+            call.deadline.cancel()
+            call.deadline = None
+        held = bool(call.buf or call.request)
+        call.buf = bytearray()
+        call.request = None
+        self.calls.pop(call.sid, None)
+        if held:
+            self.conn.release_input()
 
-    def _flush(self, stream: Stream) -> None:
-        while stream.out and self.transport is not None:
-            data = stream.out[0]
-            n = min(len(data), self.send_window, stream.send_window, self.peer_max_frame)
-            if n <= 0:
-                return
-            self.send_window -= n
-            stream.send_window -= n
-            self.transport.write(frame(DATA, 0, stream.sid, data[:n]))
-            if n == len(data):
-                stream.out.pop(0)
-            else:
-                stream.out[0] = data[n:]
-        if not stream.out and stream.out_trailers is not None:
-            self._write(stream.out_trailers)
-            stream.out_trailers = None
-            self._finish(stream)
-
-    def _flush_all(self) -> None:
-        for stream in list(self.streams.values()):
-            if stream.out:
-                self._flush(stream)
-
-    def _finish(self, stream: Stream) -> None:
-        stream.done = True
-        stream.buf = bytearray()
-        self._cancel_deadline(stream)
-        if not stream.remote_closed:
-            self._write(frame(RST_STREAM, 0, stream.sid, _U32.pack(NO_ERROR)))
-        self.streams.pop(stream.sid, None)
-        self._refill()
-        if self.goaway_sent and not self.streams:
-            self._close()
-
-    def _drop(self, stream: Stream) -> None:
+    def _drop(self, call: Call) -> None:
         """The peer reset the stream (or left): cancel its calls, send nothing more on it."""
-        stream.done = True
-        self._cancel_deadline(stream)
-        for task in list(stream.tasks):
-            task.cancel()
-        self.streams.pop(stream.sid, None)
-        self._refill()
-        if self.goaway_sent and not self.streams:
-            self._close()
-
-    @staticmethod
-    def _cancel_deadline(stream: Stream) -> None:
-        if stream.deadline is not None:
-            stream.deadline.cancel()
-            stream.deadline = None
+        if not call.done:
+            self._close_call(call)
+        if self.transport is not None:
+            self._write_out()
 
     # ---- connection ----------------------------------------------------------------------------
 
-    def _write(self, data: bytes) -> None:
-        if self.transport is not None:
+    def _write_out(self) -> None:
+        if self.transport is None:
+            return
+        data = self.conn.data_to_send()
+        if data:
             self.transport.write(data)
-
-    def _abort(self, code: int, message: str) -> None:
-        log.debug("closing gRPC connection: %s", message)
-        self._write(frame(GOAWAY, 0, 0, _U32.pack(self.last_sid) + _U32.pack(code) + message.encode()[:256]))
-        self._close()
+        if self.conn.closed is not None:
+            log.debug("closing gRPC connection: %s", self.conn.closed[1])
+            self._close()
+        elif self.conn.finished:
+            self._close()
 
     def _close(self) -> None:
         if self.transport is not None:
@@ -667,16 +393,8 @@ class GrpcProtocol(asyncio.Protocol):
 
     def shutdown(self) -> None:
         """GOAWAY: no new streams; the connection closes once its open streams end."""
-        if not self.goaway_sent:
-            self.goaway_sent = True
-            self._write(frame(GOAWAY, 0, 0, _U32.pack(self.last_sid) + _U32.pack(NO_ERROR)))
-        if not self.streams:
-            self._close()
-
-
-def _peer(transport: asyncio.BaseTransport) -> str:
-    name = transport.get_extra_info("peername")
-    return f"{name[0]}:{name[1]}" if isinstance(name, tuple) and len(name) >= 2 else ""
+        self.conn.shutdown()
+        self._write_out()
 
 
 def _parse(method: Method, message: bytes) -> Any:
@@ -686,22 +404,18 @@ def _parse(method: Method, message: bytes) -> Any:
         raise CallError(INTERNAL, f"cannot parse the request message: {exc}") from None
 
 
-class _ConnectionError(Exception):
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
 class GrpcServer:
     def __init__(self, methods: dict[str, Method], *, max_message: int, error_status: ErrorStatus,
-                 authorize: Authorize | None = None) -> None:
+                 authorize: Authorize | None = None, limits: h2.Limits | None = None) -> None:
         self.methods = methods
         self.authorize = authorize
         self.max_message = max_message
         # Partial messages one connection may hold before flow control stops its client: room for
-        # four messages at the size limit (at least 1 MiB, at most HTTP/2's largest window).
-        self.buffer_limit = max(1 << 20, min(_MAX_WINDOW, 4 * max_message))
+        # four messages at the size limit (at least 1 MiB, at most HTTP/2's largest window). The
+        # connection window is that size, so a connection never holds much more.
+        window = max(1 << 20, min(MAX_WINDOW, 4 * max_message))
+        limits = limits or h2.Limits()
+        self.limits = h2.Limits(**{**limits.__dict__, "connection_window": window})
         self.error_status = error_status
         self.connections: set[GrpcProtocol] = set()
         self._server: asyncio.Server | None = None
@@ -725,7 +439,7 @@ class GrpcServer:
         for conn in list(self.connections):
             conn.shutdown()
         deadline = asyncio.get_running_loop().time() + grace
-        while any(c.streams for c in self.connections) and asyncio.get_running_loop().time() < deadline:
+        while any(c.conn.streams for c in self.connections) and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.02)
         for conn in list(self.connections):
             conn._close()
