@@ -292,7 +292,7 @@ class GrpcProtocol(asyncio.Protocol):
         except Exception as exc:
             return self._end(call, *self._status_of(exc))
         finally:
-            call.tasks.discard(cast(asyncio.Task, asyncio.current_task()))
+            call.tasks.discard(asyncio.current_task())
         self._reply(call, body, end=True)
 
     async def _stream_call(self, call: Call, message: bytes) -> None:
@@ -306,7 +306,7 @@ class GrpcProtocol(asyncio.Protocol):
         finally:
             # Leave the set now, not in a done callback a loop turn later: a half-close arriving in
             # between would see this task still there and the stream would never end.
-            call.tasks.discard(cast(asyncio.Task, asyncio.current_task()))
+            call.tasks.discard(asyncio.current_task())
         self._reply(call, body, end=False)
         stream = self.conn.streams.get(call.sid)
         if stream is not None and stream.remote_closed and not call.tasks and not call.done:  # the last one
@@ -328,10 +328,14 @@ class GrpcProtocol(asyncio.Protocol):
         if call.done or self.transport is None:
             return
         conn = self.conn
-        stream = conn.streams[call.sid]
-        if not stream.headers_sent:
+        data = _MSG_HEAD.pack(0, len(body)) + body
+        if not conn.streams[call.sid].headers_sent:
+            if end:  # a unary call: one buffer, one write
+                self._close_call(call)
+                conn.send_response(call.sid, _REPLY_HEADERS, data, _TRAILERS_OK)
+                return self._write_out()
             conn.send_headers(call.sid, _REPLY_HEADERS)
-        conn.send_data(call.sid, _MSG_HEAD.pack(0, len(body)) + body)
+        conn.send_data(call.sid, data)
         if end:
             self._close_call(call)
             conn.send_trailers(call.sid, _TRAILERS_OK)
@@ -380,10 +384,10 @@ class GrpcProtocol(asyncio.Protocol):
         data = self.conn.data_to_send()
         if data:
             self.transport.write(data)
-        if self.conn.closed is not None:
-            log.debug("closing gRPC connection: %s", self.conn.closed[1])
-            self._close()
-        elif self.conn.finished:
+        conn = self.conn
+        if conn.goaway and (conn.closed is not None or not conn.streams):  # an error, or GOAWAY and done
+            if conn.closed is not None:
+                log.debug("closing gRPC connection: %s", conn.closed[1])
             self._close()
 
     def _close(self) -> None:

@@ -41,7 +41,8 @@ import hpack.table
 
 from ..framing import Reassembly
 from . import frames as f
-from .stream import Input, State, Stream, StreamError
+from . import stream as st
+from .stream import Stream, StreamError
 from .windows import ReceiveWindow
 
 REQUEST, DATA_RECEIVED, STREAM_ENDED, STREAM_RESET = range(4)
@@ -93,6 +94,7 @@ class H2Connection:
         self.peer_initial_window = f.DEFAULT_WINDOW
         self.peer_max_frame = f.DEFAULT_MAX_FRAME
         self.recv_window = ReceiveWindow(limits.connection_window)
+        self._refill_at = limits.connection_window // 2
         # bytes the application holds unconsumed (partial messages): it sets this to its own count
         self.held_input: Callable[[], int] = lambda: 0
         self.unreturned = 0  # received on the connection and not yet returned
@@ -107,7 +109,8 @@ class H2Connection:
         self._out: list[bytes | memoryview] = []
         self._ready: list[Stream] = []  # streams whose window opened during this read
         self._events: list[Event] = []
-        self._decoder = hpack.Decoder(max_header_list_size=limits.max_header_block)
+        # decoded headers may take twice the block's bytes (HPACK indexes and compresses): more is a bomb
+        self._decoder = hpack.Decoder(max_header_list_size=2 * limits.max_header_block)
         self._table = self._decoder.header_table = _VersionedTable()
         self._header_cache: dict[bytes, tuple[int, dict[str, str]]] = {}
         self._header_cache_bytes = 0
@@ -121,7 +124,7 @@ class H2Connection:
         settings = b"".join(f.SETTING.pack(k, v) for k, v in (
             (f.S_MAX_CONCURRENT_STREAMS, limits.max_concurrent_streams),
             (f.S_INITIAL_WINDOW_SIZE, limits.stream_window), (f.S_MAX_FRAME_SIZE, limits.max_frame_size),
-            (f.S_MAX_HEADER_LIST_SIZE, limits.max_header_block), (f.S_ENABLE_PUSH, 0)))
+            (f.S_MAX_HEADER_LIST_SIZE, 2 * limits.max_header_block), (f.S_ENABLE_PUSH, 0)))
         self._out.append(f.frame(f.SETTINGS, 0, 0, settings))
         if limits.connection_window > f.DEFAULT_WINDOW:
             self._out.append(f.frame(f.WINDOW_UPDATE, 0, 0, f.U32.pack(limits.connection_window - f.DEFAULT_WINDOW)))
@@ -177,8 +180,10 @@ class H2Connection:
         except ConnectionError as exc:
             self.close(exc.code, exc.message)
             return events
-        self._refill()
-        self._flush_ready()
+        if self.unreturned >= self._refill_at or self.recv_window.available <= 0:
+            self._refill()
+        if self._ready:
+            self._flush_ready()
         return events
 
     def _preface(self, buf: bytes) -> int:
@@ -221,21 +226,25 @@ class H2Connection:
             self.idle_frames = 0
         else:
             self._idle()
-        stream.apply(Input.RECV_DATA)
+        stream.apply(st.RECV_DATA)
         if end:
-            stream.apply(Input.RECV_END_STREAM)
+            stream.apply(st.RECV_END_STREAM)
         else:
             stream.recv_window += size
             if stream.recv_window >= self.limits.stream_window // 2:
                 self._out.append(f.frame(f.WINDOW_UPDATE, 0, sid, f.U32.pack(stream.recv_window)))
                 stream.recv_window = 0
         self._events.append((DATA_RECEIVED, sid, payload, end))
-        if stream.state is State.CLOSED:
+        if stream.state == st.CLOSED:
             self._forget(stream)
 
     def _headers(self, flags: int, sid: int, payload: memoryview | bytes) -> None:
         if sid % 2 == 0:
             raise ConnectionError(f.PROTOCOL_ERROR, "client streams have odd identifiers")
+        if flags & (f.END_HEADERS | f.PADDED | f.PRIORITY_FLAG) == f.END_HEADERS:  # the usual case
+            if len(payload) > self.limits.max_header_block:
+                raise ConnectionError(f.PROTOCOL_ERROR, f"header block exceeds {self.limits.max_header_block} bytes")
+            return self._header_block(sid, flags, bytes(payload))
         start, end = 0, len(payload)
         if flags & f.PADDED:
             if not payload:
@@ -294,11 +303,11 @@ class H2Connection:
         if stream is not None:  # trailers from the client: they must end the stream
             if not end:
                 raise StreamError(sid, f.PROTOCOL_ERROR, "trailers without END_STREAM")
-            stream.apply(Input.RECV_HEADERS)
-            stream.apply(Input.RECV_END_STREAM)
+            stream.apply(st.RECV_HEADERS)
+            stream.apply(st.RECV_END_STREAM)
             self.idle_frames = 0
             self._events.append((STREAM_ENDED, sid, None, False))
-            if stream.state is State.CLOSED:
+            if stream.state == st.CLOSED:
                 self._forget(stream)
             return
         if sid <= self.last_sid:
@@ -310,9 +319,9 @@ class H2Connection:
             self._out.append(f.frame(f.RST_STREAM, 0, sid, f.U32.pack(f.REFUSED_STREAM)))
             return
         stream = self.streams[sid] = Stream(sid, self.peer_initial_window)
-        stream.apply(Input.RECV_HEADERS)
+        stream.apply(st.RECV_HEADERS)
         if end:
-            stream.apply(Input.RECV_END_STREAM)
+            stream.apply(st.RECV_END_STREAM)
         self._events.append((REQUEST, sid, headers, end))
 
     def _priority(self, flags: int, sid: int, payload: memoryview | bytes) -> None:
@@ -329,7 +338,7 @@ class H2Connection:
         if stream is None:
             self._idle()
             return
-        stream.apply(Input.RECV_RST)
+        stream.apply(st.RECV_RST)
         self._forget(stream)
         self._events.append((STREAM_RESET, sid, f.U32.unpack(payload)[0], False))
 
@@ -425,14 +434,14 @@ class H2Connection:
 
     def send_headers(self, sid: int, block: bytes) -> None:
         stream = self.streams[sid]
-        stream.apply(Input.SEND_HEADERS)
+        stream.apply(st.SEND_HEADERS)
         stream.headers_sent = True
         self._out.append(f.frame(f.HEADERS, f.END_HEADERS, sid, block))
 
     def send_data(self, sid: int, data: bytes) -> None:
         """Queue `data` on the stream; as much as the windows allow goes out now."""
         stream = self.streams[sid]
-        stream.apply(Input.SEND_DATA)
+        stream.apply(st.SEND_DATA)
         n = len(data)
         if (not stream.out and not self.output_blocked and n <= self.send_window and n <= stream.send_window
                 and n <= self.peer_max_frame):
@@ -445,6 +454,29 @@ class H2Connection:
         stream.out_bytes += n
         self.held_output += n
         self._flush(stream)
+
+    def send_response(self, sid: int, headers: bytes, data: bytes, trailers: bytes) -> None:
+        """A whole response (headers, one DATA payload, trailers): one buffer when the windows
+        allow it, which is a unary gRPC call's case; else the same as the three calls in turn."""
+        stream = self.streams[sid]
+        n = len(data)
+        if (stream.out or self.output_blocked or n > self.send_window or n > stream.send_window
+                or n > self.peer_max_frame):
+            self.send_headers(sid, headers)
+            self.send_data(sid, data)
+            self.send_trailers(sid, trailers)
+            return
+        # SEND_HEADERS and SEND_DATA leave the state as it is wherever SEND_END_STREAM is allowed
+        remote_open = not stream.remote_closed
+        stream.apply(st.SEND_END_STREAM)
+        self.send_window -= n
+        stream.send_window -= n
+        self._out.append(f.frame(f.HEADERS, f.END_HEADERS, sid, headers) + f.frame_head(f.DATA, 0, sid, n) + data
+                         + f.frame(f.HEADERS, f.END_HEADERS | f.END_STREAM, sid, trailers))
+        if remote_open:
+            stream.apply(st.SEND_RST)
+            self._out.append(f.frame(f.RST_STREAM, 0, sid, f.U32.pack(f.NO_ERROR)))
+        del self.streams[sid]
 
     def send_trailers(self, sid: int, block: bytes) -> None:
         """End the stream with `block` (trailers, or a trailers-only response when no headers went
@@ -459,7 +491,7 @@ class H2Connection:
     def reset_stream(self, sid: int, code: int) -> None:
         stream = self.streams.get(sid)
         if stream is not None:
-            stream.apply(Input.SEND_RST)
+            stream.apply(st.SEND_RST)
             self._forget(stream)
         self._out.append(f.frame(f.RST_STREAM, 0, sid, f.U32.pack(code)))
 
@@ -536,9 +568,9 @@ class H2Connection:
         self._out.append(cast(bytes, stream.trailers))
         stream.trailers = None
         remote_open = not stream.remote_closed
-        stream.apply(Input.SEND_END_STREAM)
+        stream.apply(st.SEND_END_STREAM)
         if remote_open:
-            stream.apply(Input.SEND_RST)
+            stream.apply(st.SEND_RST)
             self._out.append(f.frame(f.RST_STREAM, 0, stream.sid, f.U32.pack(f.NO_ERROR)))
         self._forget(stream)
 
@@ -547,8 +579,3 @@ class H2Connection:
             self.held_output -= stream.out_bytes
             stream.out_bytes = 0
             stream.out.clear()
-
-    @property
-    def finished(self) -> bool:
-        """GOAWAY said (either way) and no stream left open: the socket can close."""
-        return self.goaway and not self.streams

@@ -8,48 +8,37 @@ protocol violation by the peer, or a bug of ours, never something to paper over.
 from __future__ import annotations
 
 from collections import deque
-from enum import Enum
 
+# States and inputs are plain ints (an Enum member hashes in Python, and the table is consulted
+# several times per call on the hot path); NAMES spells them in errors.
+IDLE, OPEN, HALF_CLOSED_REMOTE, HALF_CLOSED_LOCAL, CLOSED = range(5)
+# HALF_CLOSED_REMOTE: the client has sent END_STREAM, we may still send;
+# HALF_CLOSED_LOCAL: we have sent END_STREAM, the client may still send.
+RECV_HEADERS, RECV_DATA, RECV_END_STREAM, RECV_RST, SEND_HEADERS, SEND_DATA, SEND_END_STREAM, SEND_RST = range(8)
+STATE_NAMES = ("IDLE", "OPEN", "HALF_CLOSED_REMOTE", "HALF_CLOSED_LOCAL", "CLOSED")
+INPUT_NAMES = ("RECV_HEADERS", "RECV_DATA", "RECV_END_STREAM", "RECV_RST",
+               "SEND_HEADERS", "SEND_DATA", "SEND_END_STREAM", "SEND_RST")
 
-class State(Enum):
-    IDLE = 0
-    OPEN = 1
-    HALF_CLOSED_REMOTE = 2  # the client has sent END_STREAM; we may still send
-    HALF_CLOSED_LOCAL = 3  # we have sent END_STREAM; the client may still send
-    CLOSED = 4
-
-
-class Input(Enum):
-    RECV_HEADERS = 0
-    RECV_DATA = 1
-    RECV_END_STREAM = 2
-    RECV_RST = 3
-    SEND_HEADERS = 4
-    SEND_DATA = 5
-    SEND_END_STREAM = 6
-    SEND_RST = 7
-
-
-S, I = State, Input  # noqa: E741
-TRANSITIONS: dict[tuple[State, Input], State] = {
-    (S.IDLE, I.RECV_HEADERS): S.OPEN,
-    (S.OPEN, I.RECV_HEADERS): S.OPEN,  # trailers: must carry END_STREAM (checked by the connection)
-    (S.OPEN, I.RECV_DATA): S.OPEN,
-    (S.OPEN, I.RECV_END_STREAM): S.HALF_CLOSED_REMOTE,
-    (S.OPEN, I.SEND_HEADERS): S.OPEN,
-    (S.OPEN, I.SEND_DATA): S.OPEN,
-    (S.OPEN, I.SEND_END_STREAM): S.HALF_CLOSED_LOCAL,
-    (S.HALF_CLOSED_REMOTE, I.SEND_HEADERS): S.HALF_CLOSED_REMOTE,
-    (S.HALF_CLOSED_REMOTE, I.SEND_DATA): S.HALF_CLOSED_REMOTE,
-    (S.HALF_CLOSED_REMOTE, I.SEND_END_STREAM): S.CLOSED,
-    (S.HALF_CLOSED_LOCAL, I.RECV_HEADERS): S.HALF_CLOSED_LOCAL,
-    (S.HALF_CLOSED_LOCAL, I.RECV_DATA): S.HALF_CLOSED_LOCAL,
-    (S.HALF_CLOSED_LOCAL, I.RECV_END_STREAM): S.CLOSED,
+TRANSITIONS: dict[tuple[int, int], int] = {
+    (IDLE, RECV_HEADERS): OPEN,
+    (OPEN, RECV_HEADERS): OPEN,  # trailers: must carry END_STREAM (checked by the connection)
+    (OPEN, RECV_DATA): OPEN,
+    (OPEN, RECV_END_STREAM): HALF_CLOSED_REMOTE,
+    (OPEN, SEND_HEADERS): OPEN,
+    (OPEN, SEND_DATA): OPEN,
+    (OPEN, SEND_END_STREAM): HALF_CLOSED_LOCAL,
+    (HALF_CLOSED_REMOTE, SEND_HEADERS): HALF_CLOSED_REMOTE,
+    (HALF_CLOSED_REMOTE, SEND_DATA): HALF_CLOSED_REMOTE,
+    (HALF_CLOSED_REMOTE, SEND_END_STREAM): CLOSED,
+    (HALF_CLOSED_LOCAL, RECV_HEADERS): HALF_CLOSED_LOCAL,
+    (HALF_CLOSED_LOCAL, RECV_DATA): HALF_CLOSED_LOCAL,
+    (HALF_CLOSED_LOCAL, RECV_END_STREAM): CLOSED,
 }
-for _state in State:  # a reset, either way, closes any stream that exists
-    if _state is not S.IDLE:
-        TRANSITIONS[(_state, I.RECV_RST)] = S.CLOSED
-        TRANSITIONS[(_state, I.SEND_RST)] = S.CLOSED
+for _state in (OPEN, HALF_CLOSED_REMOTE, HALF_CLOSED_LOCAL, CLOSED):  # a reset, either way, closes the stream
+    TRANSITIONS[(_state, RECV_RST)] = CLOSED
+    TRANSITIONS[(_state, SEND_RST)] = CLOSED
+# the same table keyed by one int, state * 8 + input, for the lookup on the hot path
+_TABLE = {state * 8 + event: nxt for (state, event), nxt in TRANSITIONS.items()}
 
 
 class StreamError(Exception):
@@ -67,7 +56,7 @@ class Stream:
 
     def __init__(self, sid: int, send_window: int) -> None:
         self.sid = sid
-        self.state = State.IDLE
+        self.state = IDLE
         self.send_window = send_window  # what the peer lets us send on this stream
         self.recv_window = 0  # bytes received on this stream and not yet returned to the peer
         # DATA waiting for window: views into the reply, sliced (never copied) as window opens
@@ -76,15 +65,15 @@ class Stream:
         self.trailers: bytes | None = None  # the closing HEADERS block, sent once `out` is empty
         self.headers_sent = False
 
-    def apply(self, event: Input, code: int = 0) -> State:
-        """Move to the state the table gives for `event`; StreamError (with `code`, STREAM_CLOSED
-        by default) when the table has no entry."""
-        nxt = TRANSITIONS.get((self.state, event))
+    def apply(self, event: int) -> int:
+        """Move to the state the table gives for `event`; StreamError STREAM_CLOSED when the table
+        has no entry."""
+        nxt = _TABLE.get(self.state * 8 + event)
         if nxt is None:
-            raise StreamError(self.sid, code or 5, f"{event.name} on a stream in state {self.state.name}")
+            raise StreamError(self.sid, 5, f"{INPUT_NAMES[event]} on a stream in state {STATE_NAMES[self.state]}")
         self.state = nxt
         return nxt
 
     @property
     def remote_closed(self) -> bool:
-        return self.state in (State.HALF_CLOSED_REMOTE, State.CLOSED)
+        return self.state == HALF_CLOSED_REMOTE or self.state == CLOSED
