@@ -3,7 +3,10 @@
 Each method converts the message in, calls the service, converts out. Errors from the tree in
 `server.errors` become the class's gRPC status code in `error_status` (and, on the stream, an
 `error_message` on that request's reply), nowhere else. The methods fuserve does not offer (shared
-memory, trace, logging) answer UNIMPLEMENTED naming the method.
+memory, trace, logging) answer UNIMPLEMENTED naming the method. Restricted groups
+(--grpc-restricted-protocol, `server/access.py`) are checked before any of this, by the transport's
+`authorize` hook when the call opens (`access.grpc_authorize`, passed to GrpcServer in app.py and
+frontend_worker.py).
 """
 
 from __future__ import annotations
@@ -14,17 +17,18 @@ from typing import Any
 
 from google.protobuf import json_format
 
+from .. import access
 from .._proto import grpc_service_pb2 as pb
 from ..codecs import v2_proto
 from ..context import CallContext
 from ..errors import ServerError, Unsupported, as_server_error
 from ..service import InferenceService
 from ..types import InferRequest, InferResponse
-from .grpc_server import GrpcServer, Method
+from .grpc_server import Method
 
 log = logging.getLogger(__name__)
 
-SERVICE = "/inference.GRPCInferenceService/"
+SERVICE = access.GRPC_SERVICE_PREFIX  # "/inference.GRPCInferenceService/"
 _NOT_OFFERED = ("SystemSharedMemoryStatus", "SystemSharedMemoryRegister", "SystemSharedMemoryUnregister",
                 "CudaSharedMemoryStatus", "CudaSharedMemoryRegister", "CudaSharedMemoryUnregister",
                 "TraceSetting", "LogSettings")
@@ -145,7 +149,3 @@ def _not_offered(name: str) -> Callable[[Any, CallContext], Awaitable[Any]]:
         raise Unsupported(f"{name} is not supported by fuserve (no shared-memory, trace or log-settings extensions)")
     return call
 
-
-async def start_grpc(service: InferenceService, address: str, port: int, max_message: int) -> tuple[GrpcServer, int]:
-    server = GrpcServer(GrpcFrontend(service).methods(), max_message=max_message, error_status=error_status)
-    return server, await server.start(address, port)

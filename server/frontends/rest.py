@@ -1,17 +1,23 @@
-"""KServe V2 REST: route a request, decode it, call the service, encode the answer.
+"""KServe V2 REST: route a request, check it, decode it, call the service, encode the answer.
 
-Errors from the tree in `server.errors` become `{"error": "..."}` with the class's HTTP status
-here, in `_error_response`, and nowhere else.
+ROUTES is every endpoint, each with its restricted-API group (`server/access.py`); the Router
+matches a path to its route and runs the group's check before any handler, for both frontends here
+(RestFrontend, and ForwardingRestFrontend in a `--frontend-workers` process). Errors from the tree
+in `server.errors` become `{"error": "..."}` with the class's HTTP status here, in
+`_error_response`, and nowhere else.
 """
 
 from __future__ import annotations
 
 import logging
+import operator
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from urllib.parse import unquote
 
 import orjson
 
+from .. import access
 from ..codecs import v2_json
 from ..errors import InvalidArgument, NotFound, ServerError, as_server_error
 from ..model_config import config_to_json
@@ -48,18 +54,6 @@ def _path_parts(request: HttpRequest) -> list[str]:
     return [unquote(p) for p in parts] if "%" in request.path else parts
 
 
-def infer_target(request: HttpRequest) -> tuple[str, str] | None:
-    """(model, version) when `request` is `POST /v2/models/<m>[/versions/<v>]/infer`, else None."""
-    if request.method != "POST":
-        return None
-    parts = _path_parts(request)
-    if len(parts) == 4 and parts[:2] == ["v2", "models"] and parts[3] == "infer":
-        return parts[2], ""
-    if len(parts) == 6 and parts[:2] == ["v2", "models"] and parts[3] == "versions" and parts[5] == "infer":
-        return parts[2], parts[4]
-    return None
-
-
 async def infer_endpoint(request: HttpRequest, name: str, version: str,
                          infer: Callable[[InferRequest], Awaitable[InferResponse]]) -> HttpResponse:
     """The infer endpoint: decode (JSON or binary extension), `infer`, encode."""
@@ -77,67 +71,221 @@ async def infer_endpoint(request: HttpRequest, name: str, version: str,
     return HttpResponse(200, body, _BINARY, [(b"inference-header-content-length", str(json_length).encode())])
 
 
+# ---- the route table ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """One REST endpoint and the group (`server/access.py`) that `--http-restricted-api` names it by.
+
+    `path` has a segment per '/', '{name}' capturing one segment (the captures go to the handler in
+    order). `method` and `handler` say how fuserve serves it; both None for an endpoint Triton has and
+    fuserve does not serve yet: its group is still checked, then it is answered as any unknown
+    endpoint (404)."""
+
+    path: str
+    group: str
+    method: str | None = None
+    handler: str | None = None  # the name a frontend gives its handler under (Router's `handlers`)
+
+    def __post_init__(self) -> None:
+        if (self.method is None) != (self.handler is None) or self.group not in access.GROUPS:
+            raise ValueError(f"bad route {self}")
+
+    @property
+    def segments(self) -> tuple[str | None, ...]:
+        """The path's segments, None where it captures one."""
+        return tuple(None if s.startswith("{") else s for s in self.path.strip("/").split("/"))
+
+
+def _model_routes(tail: str, group: str, method: str | None = None, handler: str | None = None) -> tuple[Route, ...]:
+    return (Route(f"/v2/models/{{model}}{tail}", group, method, handler),
+            Route(f"/v2/models/{{model}}/versions/{{version}}{tail}", group, method, handler))
+
+
+def _shared_memory_routes(kind: str) -> tuple[Route, ...]:
+    return tuple(Route(f"/v2/{kind}{region}/{action}", access.SHARED_MEMORY)
+                 for region in ("", "/region/{region}") for action in ("status", "register", "unregister"))
+
+
+# Every endpoint of Triton's HTTP API (its src/http_server.cc). A route without captures wins over
+# one with ("/v2/models/stats" over "/v2/models/{model}"); among those with, the first listed.
+ROUTES: tuple[Route, ...] = (
+    Route("/v2", access.METADATA, "GET", "server_metadata"),
+    Route("/v2/health/live", access.HEALTH, "GET", "server_live"),
+    Route("/v2/health/ready", access.HEALTH, "GET", "server_ready"),
+    Route("/v2/models/stats", access.STATISTICS, "GET", "statistics"),
+    *_model_routes("", access.METADATA, "GET", "model_metadata"),
+    *_model_routes("/ready", access.HEALTH, "GET", "model_ready"),
+    *_model_routes("/config", access.MODEL_CONFIG, "GET", "model_config"),
+    *_model_routes("/stats", access.STATISTICS, "GET", "model_statistics"),
+    *_model_routes("/infer", access.INFERENCE, "POST", "infer"),
+    *_model_routes("/generate", access.INFERENCE),
+    *_model_routes("/generate_stream", access.INFERENCE),
+    Route("/v2/models/{model}/trace/setting", access.TRACE),
+    Route("/v2/trace/setting", access.TRACE),
+    Route("/v2/logging", access.LOGGING),
+    *_shared_memory_routes("systemsharedmemory"),
+    *_shared_memory_routes("cudasharedmemory"),
+    Route("/v2/repository/index", access.MODEL_REPOSITORY, "POST", "repository_index"),
+    Route("/v2/repository/models/{model}/load", access.MODEL_REPOSITORY, "POST", "repository_load"),
+    Route("/v2/repository/models/{model}/unload", access.MODEL_REPOSITORY, "POST", "repository_unload"),
+    Route("/v2/repository/{repository}/index", access.MODEL_REPOSITORY),
+    Route("/v2/repository/{repository}/models/{model}/load", access.MODEL_REPOSITORY),
+    Route("/v2/repository/{repository}/models/{model}/unload", access.MODEL_REPOSITORY),
+)
+
+# handler(request, *captures)
+Handler = Callable[..., Awaitable[HttpResponse]]
+_HOT = "infer"  # the handler whose URLs the router remembers, so the hot path skips matching
+_MAX_HOT = 1024  # bounded, whatever clients send
+
+
+class _Bound:
+    """A route as one frontend serves it: its group's check (None: open), its handler, and how to
+    read it off a path's segments."""
+
+    __slots__ = ("route", "check", "method", "handler", "literals", "pick_literals", "pick_captures")
+
+    def __init__(self, route: Route, check: access.Check | None, handler: Handler | None) -> None:
+        self.route = route
+        self.check = check
+        self.method = route.method
+        self.handler = handler
+        segments = route.segments
+        fixed = [i for i, s in enumerate(segments) if s is not None]  # at least the first two
+        self.literals = tuple(segments[i] for i in fixed)
+        self.pick_literals = operator.itemgetter(*fixed)
+        self.pick_captures = _picker([i for i, s in enumerate(segments) if s is None])
+
+
+def _picker(indexes: list[int]) -> Callable[[list[str]], tuple[str, ...]]:
+    """parts -> the parts at `indexes`, always a tuple (itemgetter of one index gives a scalar)."""
+    if len(indexes) > 1:
+        return operator.itemgetter(*indexes)
+    if indexes:
+        i = indexes[0]
+        return lambda parts: (parts[i],)
+    return lambda parts: ()
+
+
+def _table_key(parts: list[str] | tuple[str | None, ...]) -> tuple[int, str | None, str | None]:
+    return len(parts), parts[0], parts[1] if len(parts) > 1 else ""
+
+
+class Router:
+    """Path -> route -> its group's access check -> handler: the one place a REST request is checked,
+    before anything answers it. `handlers` maps a route's handler name to what serves it (`default`
+    for names it lacks); `fallback(request)` answers an unknown path or a method the route is not
+    served with (a 404, or the scheduler in a frontend worker).
+
+    A path matches a route without captures by one dict lookup; else the routes with captures of
+    its length and first two segments are tried in table order."""
+
+    def __init__(self, handlers: dict[str, Handler], fallback: Handler, policy: access.Policy | None = None,
+                 default: Handler | None = None) -> None:
+        self.fallback = fallback
+        self._exact: dict[tuple[str | None, ...], _Bound] = {}
+        self._table: dict[tuple[int, str | None, str | None], list[_Bound]] = {}
+        for route in ROUTES:
+            handler = None
+            if route.handler is not None:
+                handler = handlers.get(route.handler, default)
+                if handler is None:
+                    raise ValueError(f"no handler '{route.handler}' for {route.method} {route.path}")
+            segments = route.segments
+            key = _table_key(segments)
+            if None in key[1:]:
+                raise ValueError(f"{route.path}: the first two segments of a route are literal")
+            bound = _Bound(route, policy.checker(route.group) if policy else None, handler)
+            if None in segments:
+                self._table.setdefault(key, []).append(bound)
+            else:
+                self._exact[segments] = bound
+        self._hot: dict[str, tuple[_Bound, tuple[str, ...]]] = {}  # infer URL -> its route and captures
+
+    def resolve(self, request: HttpRequest) -> tuple[Handler, tuple[str, ...]]:
+        """The handler for `request` and the path's captures; raises PermissionDenied when the
+        route's group is restricted and the request lacks its header."""
+        hit = self._hot.get(request.path) if request.method == "POST" else None
+        if hit is None:
+            hit = self.match(request)
+            if hit is None:
+                return self.fallback, ()
+        bound, captures = hit
+        if bound.check is not None:
+            bound.check(request.headers)
+        if bound.method != request.method:
+            return self.fallback, ()
+        return bound.handler, captures  # type: ignore[return-value]  # a served method has a handler
+
+    def match(self, request: HttpRequest) -> tuple[_Bound, tuple[str, ...]] | None:
+        """The route `request`'s path names, with its captures (None: no route)."""
+        parts = _path_parts(request)
+        bound = self._exact.get(tuple(parts))
+        if bound is not None:
+            return bound, ()
+        for bound in self._table.get(_table_key(parts), ()):
+            if bound.pick_literals(parts) == bound.literals:
+                hit = (bound, bound.pick_captures(parts))
+                if bound.route.handler == _HOT and request.method == "POST" and len(self._hot) < _MAX_HOT:
+                    self._hot[request.path] = hit
+                return hit
+        return None
+
+
+async def _not_found(request: HttpRequest, *captures: str) -> HttpResponse:
+    raise NotFound(f"no such endpoint: {request.method} {request.path}")
+
+
+# ---- the frontends -------------------------------------------------------------------------------
+
+
 class RestFrontend:
-    def __init__(self, service: InferenceService) -> None:
+    def __init__(self, service: InferenceService, policy: access.Policy | None = None) -> None:
         self.service = service
-        # infer URL -> (model, version), so the hot path skips routing; bounded, whatever clients send
-        self._infer_paths: dict[str, tuple[str, str]] = {}
+        self.router = Router({
+            "server_metadata": self._server_metadata,
+            "server_live": self._server_live,
+            "server_ready": self._server_ready,
+            "statistics": self._statistics,
+            "model_metadata": self._metadata,
+            "model_ready": self._ready,
+            "model_config": self._config,
+            "model_statistics": self._stats,
+            "infer": self._infer,
+            "repository_index": self._index,
+            "repository_load": self._load,
+            "repository_unload": self._unload,
+        }, _not_found, policy)
 
     async def handle(self, request: HttpRequest) -> HttpResponse:
-        if request.error:
-            return HttpResponse(400, error_body(request.error))
         try:
-            return await self._route(request)
+            handler, captures = self.router.resolve(request)
+            return await handler(request, *captures)
         except Exception as exc:
             return _error_response(exc)
 
-    async def _route(self, request: HttpRequest) -> HttpResponse:
-        if request.method == "POST":
-            target = self._infer_paths.get(request.path)
-            if target is not None:
-                return await self._infer(request, *target)
-        parts = _path_parts(request)
-        method = request.method
-        if not parts or parts[0] != "v2":
-            raise NotFound(f"no such endpoint: {method} {request.path}")
-        rest = parts[1:]
-        n = len(rest)
-        if n == 0 and method == "GET":
-            return _json(self.service.server_metadata())
-        if rest[0] == "health" and n == 2 and method == "GET":
-            if rest[1] == "live":
-                return _OK_EMPTY if self.service.live else _NOT_READY
-            if rest[1] == "ready":
-                return _OK_EMPTY if self.service.server_ready() else _NOT_READY
-        if rest[0] == "models" and n == 2 and rest[1] == "stats" and method == "GET":
-            return _json(self.service.statistics())
-        if rest[0] == "models" and n >= 2:
-            name, version, tail = rest[1], "", rest[2:]
-            if len(tail) >= 2 and tail[0] == "versions":
-                version, tail = tail[1], tail[2:]
-            action = tail[0] if len(tail) == 1 else "" if not tail else None
-            handler = self._model_routes.get((method, action)) if action is not None else None
-            if handler is RestFrontend._infer and len(self._infer_paths) < 1024:
-                self._infer_paths[request.path] = (name, version)
-            if handler is not None:
-                return await handler(self, request, name, version)
-        if rest[0] == "repository" and method == "POST":
-            if n == 2 and rest[1] == "index":
-                return self._index(request)
-            if n == 4 and rest[1] == "models" and rest[3] in ("load", "unload"):
-                if rest[3] == "load":
-                    await self.service.load_model(rest[2], self._load_parameters(request))
-                else:
-                    await self.service.unload_model(rest[2])
-                return _OK_EMPTY
-        raise NotFound(f"no such endpoint: {method} {request.path}")
+    # ---- server endpoints --------------------------------------------------------------------
+
+    async def _server_metadata(self, request: HttpRequest) -> HttpResponse:
+        return _json(self.service.server_metadata())
+
+    async def _server_live(self, request: HttpRequest) -> HttpResponse:
+        return _OK_EMPTY if self.service.live else _NOT_READY
+
+    async def _server_ready(self, request: HttpRequest) -> HttpResponse:
+        return _OK_EMPTY if self.service.server_ready() else _NOT_READY
+
+    async def _statistics(self, request: HttpRequest) -> HttpResponse:
+        return _json(self.service.statistics())
 
     # ---- model endpoints ---------------------------------------------------------------------
 
-    async def _infer(self, request: HttpRequest, name: str, version: str) -> HttpResponse:
+    async def _infer(self, request: HttpRequest, name: str, version: str = "") -> HttpResponse:
         return await infer_endpoint(request, name, version, self.service.infer)
 
-    async def _metadata(self, request: HttpRequest, name: str, version: str) -> HttpResponse:
+    async def _metadata(self, request: HttpRequest, name: str, version: str = "") -> HttpResponse:
         md = self.service.model_metadata(name, version)
         return _json({
             "name": md.name,
@@ -147,25 +295,24 @@ class RestFrontend:
             "outputs": [{"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in md.outputs],
         })
 
-    async def _ready(self, request: HttpRequest, name: str, version: str) -> HttpResponse:
+    async def _ready(self, request: HttpRequest, name: str, version: str = "") -> HttpResponse:
         return _OK_EMPTY if self.service.model_ready(name, version) else _NOT_READY
 
-    async def _config(self, request: HttpRequest, name: str, version: str) -> HttpResponse:
+    async def _config(self, request: HttpRequest, name: str, version: str = "") -> HttpResponse:
         return _json(config_to_json(self.service.model_config(name, version)))
 
-    async def _stats(self, request: HttpRequest, name: str, version: str) -> HttpResponse:
+    async def _stats(self, request: HttpRequest, name: str, version: str = "") -> HttpResponse:
         return _json(self.service.statistics(name, version))
 
-    _ModelRoute = Callable[["RestFrontend", HttpRequest, str, str], Awaitable[HttpResponse]]
-    _model_routes: dict[tuple[str, str], _ModelRoute] = {
-        ("POST", "infer"): _infer,
-        ("GET", ""): _metadata,
-        ("GET", "ready"): _ready,
-        ("GET", "config"): _config,
-        ("GET", "stats"): _stats,
-    }
-
     # ---- repository extension -------------------------------------------------------------------
+
+    async def _load(self, request: HttpRequest, name: str) -> HttpResponse:
+        await self.service.load_model(name, self._load_parameters(request))
+        return _OK_EMPTY
+
+    async def _unload(self, request: HttpRequest, name: str) -> HttpResponse:
+        await self.service.unload_model(name)
+        return _OK_EMPTY
 
     @staticmethod
     def _load_parameters(request: HttpRequest) -> dict:
@@ -177,7 +324,7 @@ class RestFrontend:
             raise InvalidArgument("the load request must be a JSON object with an optional 'parameters' object")
         return params
 
-    def _index(self, request: HttpRequest) -> HttpResponse:
+    async def _index(self, request: HttpRequest) -> HttpResponse:
         ready_only = False
         if request.body.strip():
             body = v2_json.loads(request.body)
@@ -189,25 +336,25 @@ class RestFrontend:
 
 class ForwardingRestFrontend:
     """REST in a frontend worker process: inference is decoded and encoded here and `infer` runs it
-    in the scheduler process; any other request goes to the scheduler's RestFrontend whole."""
+    in the scheduler process; any other request goes to the scheduler's RestFrontend whole. Both are
+    checked here first (the scheduler checks forwarded requests again: their headers go along)."""
 
     def __init__(self, infer: Callable[[InferRequest], Awaitable[InferResponse]],
-                 forward: Callable[[HttpRequest], Awaitable[HttpResponse]]) -> None:
+                 forward: Callable[[HttpRequest], Awaitable[HttpResponse]],
+                 policy: access.Policy | None = None) -> None:
         self.infer = infer
         self.forward = forward
-        self._infer_paths: dict[str, tuple[str, str]] = {}
+        self.router = Router({"infer": self._infer}, self._forward, policy, default=self._forward)
 
     async def handle(self, request: HttpRequest) -> HttpResponse:
-        if request.error:
-            return HttpResponse(400, error_body(request.error))
         try:
-            target = self._infer_paths.get(request.path) if request.method == "POST" else None
-            if target is None:
-                target = infer_target(request)
-                if target is None:
-                    return await self.forward(request)
-                if len(self._infer_paths) < 1024:
-                    self._infer_paths[request.path] = target
-            return await infer_endpoint(request, target[0], target[1], self.infer)
+            handler, captures = self.router.resolve(request)
+            return await handler(request, *captures)
         except Exception as exc:
             return _error_response(exc)
+
+    async def _infer(self, request: HttpRequest, name: str, version: str = "") -> HttpResponse:
+        return await infer_endpoint(request, name, version, self.infer)
+
+    async def _forward(self, request: HttpRequest, *captures: str) -> HttpResponse:
+        return await self.forward(request)
