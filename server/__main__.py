@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import __version__
+from . import __version__, access, tls
 from .config import MODEL_CONTROL_MODES, ServerConfig
 
 
@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a model repository directory; repeat the flag to serve several")
     s.add_argument("--http-port", type=int, default=8000, help="HTTP/REST port (default 8000; 0 picks a free one)")
     s.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (default 8001; 0 picks a free one)")
-    s.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port (default 8002)")
+    s.add_argument("--metrics-port", type=int, default=8002,
+                   help="Prometheus metrics port (default 8002; always plain HTTP, the TLS flags do not apply)")
     s.add_argument("--http-address", default="127.0.0.1",
                    help="address HTTP binds to (default 127.0.0.1; use 0.0.0.0 to serve the network)")
     s.add_argument("--grpc-address", default="127.0.0.1",
@@ -73,6 +74,31 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--http-max-input-size", "--max-input-size", dest="max_input_size", type=int,
                    default=64 * 1024 * 1024, metavar="BYTES",
                    help="largest HTTP request body and gRPC message accepted (default 64 MiB)")
+    s.add_argument("--http-max-request-line", type=_positive, default=8 * 1024, metavar="BYTES",
+                   help="longest HTTP request line (method, target, version) accepted; past it 414 and the "
+                        "connection is closed (default 8 KiB)")
+    s.add_argument("--http-max-header-line", type=_positive, default=8 * 1024, metavar="BYTES",
+                   help="longest HTTP header field (name + value) accepted; past it 431 and close (default 8 KiB)")
+    s.add_argument("--http-max-headers", type=_positive, default=100, metavar="N",
+                   help="most header fields in one HTTP request; past it 431 and close (default 100)")
+    s.add_argument("--http-max-header-bytes", type=_positive, default=64 * 1024, metavar="BYTES",
+                   help="most bytes of header names and values in one HTTP request; past it 431 and close "
+                        "(default 64 KiB)")
+    s.add_argument("--http-header-timeout-secs", type=_seconds, default=60.0, metavar="SECS",
+                   help="time a client has from a request's first byte to the end of its headers; past it 408 "
+                        "and close (default 60, as nginx's client_header_timeout; 0: no limit)")
+    s.add_argument("--http-keepalive-timeout-secs", type=_seconds, default=75.0, metavar="SECS",
+                   help="close an HTTP connection idle (no request in progress or executing) this long "
+                        "(default 75, as nginx's keepalive_timeout; 0: no limit)")
+    s.add_argument("--grpc-max-concurrent-streams", type=_positive, default=100, metavar="N",
+                   help="streams (calls) open at once on one gRPC connection; more are refused with "
+                        "REFUSED_STREAM (default 100, as nginx, h2o and Apache)")
+    s.add_argument("--grpc-max-held-reply-bytes", type=_positive, default=4 << 20, metavar="BYTES",
+                   help="reply bytes one gRPC connection may hold while its client's flow-control windows are "
+                        "shut; past it new streams are refused (default 4 MiB)")
+    s.add_argument("--grpc-max-idle-frames", type=_positive, default=10_000, metavar="N",
+                   help="frames in a row that ask for no work (PING, SETTINGS, PRIORITY, empty DATA, ...) before "
+                        "a gRPC connection is closed with GOAWAY ENHANCE_YOUR_CALM (default 10000)")
     s.add_argument("--disable-auto-complete-config", action="store_true",
                    help="do not complete missing config.pbtxt fields from the model file")
     s.add_argument("--default-max-batch-size", type=int, default=4, metavar="N",
@@ -81,13 +107,59 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve HTTP and gRPC from N worker processes that share one scheduler (this process: "
                         "models, batchers, statistics); use about one per core beyond the first (default 0: "
                         "one process does everything)")
+    groups = ", ".join(access.GROUPS)
+    s.add_argument("--http-restricted-api", action=access.RestrictionAction, protocol="http",
+                   metavar="<apis>:<key>=<value>",
+                   help="answer the HTTP APIs in <apis> (a comma-separated list of: " + groups + ") only when "
+                        "the request carries header <key> with <value>, others 403; repeatable, each API in "
+                        "one group at most")
+    s.add_argument("--grpc-restricted-protocol", action=access.RestrictionAction, protocol="grpc",
+                   metavar="<protocols>:<key>=<value>",
+                   help="answer the gRPC methods of <protocols> (as for --http-restricted-api) only when the "
+                        "call carries metadata 'triton-grpc-protocol-<key>' with <value> (Triton's header), "
+                        "others PERMISSION_DENIED; repeatable")
+    _add_tls_flags(s)
     return parser
+
+
+def _add_tls_flags(s: argparse.ArgumentParser) -> None:
+    """--grpc-use-ssl & co. are tritonserver's; --http-use-ssl & co. are ours, of the same shape
+    (Triton's HTTP has no TLS). server/tls.py builds the contexts."""
+    for proto, name, alpn in (("grpc", "gRPC", "h2"), ("http", "HTTP", "http/1.1")):
+        s.add_argument(f"--{proto}-use-ssl", type=_bool, default=False, metavar="BOOL",
+                       help=f"serve {name} over TLS (1.2 or later, ALPN {alpn}) with --{proto}-server-cert and "
+                            f"--{proto}-server-key (default false; the metrics port stays plain HTTP)")
+        s.add_argument(f"--{proto}-use-ssl-mutual", type=_bool, default=False, metavar="BOOL",
+                       help=f"serve {name} over mutual TLS: as --{proto}-use-ssl, which it implies, and every "
+                            f"client must present a certificate signed by --{proto}-root-cert (default false)")
+        s.add_argument(f"--{proto}-server-cert", metavar="FILE",
+                       help=f"PEM server certificate (and chain) for {name} TLS; ignored unless --{proto}-use-ssl "
+                            f"or --{proto}-use-ssl-mutual is true")
+        s.add_argument(f"--{proto}-server-key", metavar="FILE",
+                       help=f"PEM private key (unencrypted) of --{proto}-server-cert")
+        s.add_argument(f"--{proto}-root-cert", metavar="FILE",
+                       help=f"PEM root (CA) certificate(s) that client certificates are verified against; "
+                            f"required by --{proto}-use-ssl-mutual")
 
 
 def _non_negative(text: str) -> int:
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be 0 or more seconds, got {text}")
     return value
 
 
@@ -114,9 +186,22 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         log_verbose=args.log_verbose,
         server_name=args.server_name,
         max_input_size=args.max_input_size,
+        http_max_request_line=args.http_max_request_line,
+        http_max_header_line=args.http_max_header_line,
+        http_max_headers=args.http_max_headers,
+        http_max_header_bytes=args.http_max_header_bytes,
+        http_header_timeout_secs=args.http_header_timeout_secs,
+        http_keepalive_timeout_secs=args.http_keepalive_timeout_secs,
+        grpc_max_concurrent_streams=args.grpc_max_concurrent_streams,
+        grpc_max_held_reply_bytes=args.grpc_max_held_reply_bytes,
+        grpc_max_idle_frames=args.grpc_max_idle_frames,
         default_max_batch_size=args.default_max_batch_size,
         disable_auto_complete_config=args.disable_auto_complete_config,
         frontend_workers=args.frontend_workers,
+        http_restricted_api=args.http_restricted_api,
+        grpc_restricted_protocol=args.grpc_restricted_protocol,
+        grpc_tls=tls.settings_from_args(args, "grpc"),
+        http_tls=tls.settings_from_args(args, "http"),
     )
 
 

@@ -15,12 +15,16 @@ import logging
 import signal
 import socket
 
+from . import tls
+from .access import grpc_authorize
 from .config import ServerConfig
-from .frontends.grpc_service import GrpcFrontend, start_grpc
+from .frontends.grpc_server import GrpcServer
+from .frontends.grpc_service import GrpcFrontend
 from .frontends.grpc_service import error_status as grpc_error_status
-from .frontends.http_server import HttpServer
+from .frontends.http_server import HttpLimits, HttpServer
 from .frontends.metrics_http import MetricsFrontend
 from .frontends.rest import RestFrontend, error_body
+from .http2.connection import Limits as H2Limits
 from .metrics import MetricsPoller, ServerMetrics
 from .repository import Repository
 from .service import InferenceService
@@ -38,6 +42,26 @@ async def _poll(repository: Repository, interval: float) -> None:
             log.exception("repository poll failed")
 
 
+def _tls_settings(config: ServerConfig) -> list[tls.TlsSettings]:
+    """The TLS settings of the listeners this server opens (HTTP, gRPC; never metrics)."""
+    return [s for s, allowed in ((config.http_tls, config.allow_http), (config.grpc_tls, config.allow_grpc))
+            if allowed]
+
+
+def http_limits(config: ServerConfig) -> HttpLimits:
+    """The --http-max-* and --http-*-timeout-secs flags, for every HttpServer (and the workers')."""
+    return HttpLimits(max_request_line=config.http_max_request_line, max_header_line=config.http_max_header_line,
+                      max_headers=config.http_max_headers, max_header_bytes=config.http_max_header_bytes,
+                      header_timeout=config.http_header_timeout_secs,
+                      keepalive_timeout=config.http_keepalive_timeout_secs)
+
+
+def grpc_limits(config: ServerConfig) -> H2Limits:
+    """The --grpc-max-* flags, for every GrpcServer (and the workers')."""
+    return H2Limits(max_concurrent_streams=config.grpc_max_concurrent_streams,
+                    max_held_reply_bytes=config.grpc_max_held_reply_bytes, max_idle_frames=config.grpc_max_idle_frames)
+
+
 async def _start_workers(config: ServerConfig, service: InferenceService,
                          shared: dict[str, socket.socket]) -> WorkerPool:
     """Hold the ports here, start the workers listening on them, and answer their links."""
@@ -45,21 +69,31 @@ async def _start_workers(config: ServerConfig, service: InferenceService,
         shared["http"] = reuseport_socket(config.http_address, config.http_port)
     if config.allow_grpc:
         shared["grpc"] = reuseport_socket(config.grpc_address, config.grpc_port)
-    rest = RestFrontend(service).handle
+    rest = RestFrontend(service, config.http_restricted_api).handle
     methods = GrpcFrontend(service).methods()
+    authorize = grpc_authorize(config.grpc_restricted_protocol)
     pool = WorkerPool(config.frontend_workers, shared,
-                      lambda: WorkerEndpoint(service, rest, methods, grpc_error_status),
-                      max_input_size=config.max_input_size, log_verbose=config.log_verbose)
+                      lambda: WorkerEndpoint(service, rest, methods, grpc_error_status, authorize),
+                      max_input_size=config.max_input_size, log_verbose=config.log_verbose,
+                      http_limits=http_limits(config), grpc_limits=grpc_limits(config),
+                      http_restricted_api=config.http_restricted_api.specs(),
+                      grpc_restricted_protocol=config.grpc_restricted_protocol.specs(),
+                      tls=[s.to_dict() for s in _tls_settings(config) if s.enabled])
     await pool.start()
     for name, sock in shared.items():
         host, port = sock.getsockname()[:2]
         log.info("%s listening on %s:%d, served by %d frontend worker processes",
-                 "HTTP (KServe V2 REST)" if name == "http" else "gRPC (KServe V2)", host, port,
-                 config.frontend_workers)
+                 f"HTTP (KServe V2 REST{config.http_tls.label()})" if name == "http"
+                 else f"gRPC (KServe V2{config.grpc_tls.label()})", host, port, config.frontend_workers)
     return pool
 
 
 async def serve(config: ServerConfig) -> int:
+    try:  # before any model loads: a certificate that cannot be served fails the start at once
+        tls_contexts = tls.server_contexts(_tls_settings(config))
+    except tls.TlsError as exc:
+        log.error("cannot start: %s", exc)
+        return 1
     repository = Repository(config.model_repositories, default_max_batch_size=config.default_max_batch_size,
                             auto_complete=not config.disable_auto_complete_config,
                             histograms=config.allow_metrics)
@@ -90,18 +124,24 @@ async def serve(config: ServerConfig) -> int:
         if config.frontend_workers > 0:
             pool = await _start_workers(config, service, shared)
         if config.allow_http and pool is None:
-            http = HttpServer(RestFrontend(service).handle, max_body=config.max_input_size, error_body=error_body)
-            port = await http.start(config.http_address, config.http_port)
-            log.info("HTTP (KServe V2 REST) listening on %s:%d", config.http_address, port)
+            http = HttpServer(RestFrontend(service, config.http_restricted_api).handle,
+                              max_body=config.max_input_size, error_body=error_body, limits=http_limits(config))
+            port = await http.start(config.http_address, config.http_port, ssl=tls_contexts.get("http"))
+            log.info("HTTP (KServe V2 REST%s) listening on %s:%d", config.http_tls.label(), config.http_address,
+                     port)
         if config.allow_grpc and pool is None:
-            grpc_server, port = await start_grpc(service, config.grpc_address, config.grpc_port,
-                                                 config.max_input_size)
-            log.info("gRPC (KServe V2) listening on %s:%d", config.grpc_address, port)
+            # the transport checks --grpc-restricted-protocol when each call's stream opens
+            grpc_server = GrpcServer(GrpcFrontend(service).methods(), max_message=config.max_input_size,
+                                     error_status=grpc_error_status,
+                                     authorize=grpc_authorize(config.grpc_restricted_protocol),
+                                     limits=grpc_limits(config))
+            port = await grpc_server.start(config.grpc_address, config.grpc_port, ssl=tls_contexts.get("grpc"))
+            log.info("gRPC (KServe V2%s) listening on %s:%d", config.grpc_tls.label(), config.grpc_address, port)
         if config.allow_metrics:
             poller = MetricsPoller(cpu=config.allow_cpu_metrics, gpu=config.allow_gpu_metrics,
                                    interval_s=config.metrics_interval_ms / 1000)
             metrics_http = HttpServer(MetricsFrontend(ServerMetrics(repository, poller)).handle,
-                                      max_body=64 * 1024, error_body=error_body)
+                                      max_body=64 * 1024, error_body=error_body, limits=http_limits(config))
             port = await metrics_http.start(config.metrics_address, config.metrics_port)
             poller_task = asyncio.create_task(poller.run())
             log.info("metrics (Prometheus) listening on %s:%d/metrics", config.metrics_address, port)
@@ -156,6 +196,8 @@ def run(config: ServerConfig) -> int:
         level=logging.DEBUG if config.log_verbose > 0 else logging.INFO,
         format="%(asctime)s %(levelname).1s %(name)s: %(message)s",
     )
+    # at DEBUG, hpack logs every header it decodes, restricted-API values (server/access.py) included
+    logging.getLogger("hpack").setLevel(logging.INFO)
     try:
         import uvloop
 

@@ -22,14 +22,15 @@ import socket
 import sys
 from typing import Any
 
-from . import ipc
+from . import access, ipc, tls
 from ._proto import grpc_service_pb2 as pb
 from .context import CallContext
 from .errors import Unavailable
 from .frontends.grpc_server import CallError, GrpcServer, Method
 from .frontends.grpc_service import SERVICE, GrpcInfer, error_status
-from .frontends.http_server import HttpRequest, HttpResponse, HttpServer
+from .frontends.http_server import HttpLimits, HttpRequest, HttpResponse, HttpServer
 from .frontends.rest import ForwardingRestFrontend, error_body
+from .http2.connection import Limits as H2Limits
 from .types import InferRequest, InferResponse
 from .workers import reuseport_socket
 
@@ -109,6 +110,11 @@ def _listening(host: str, port: int) -> socket.socket:
 
 
 async def serve(args: dict) -> int:
+    try:  # the scheduler checked the same files before starting us
+        contexts = tls.server_contexts(tls.TlsSettings.from_dict(d) for d in args.get("tls", ()))
+    except tls.TlsError as exc:
+        log.error("cannot start: %s", exc)
+        return 1
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -122,15 +128,19 @@ async def serve(args: dict) -> int:
     http = grpc = None
     listen = args["listen"]
     if "http" in listen:
-        http = HttpServer(ForwardingRestFrontend(client.infer, client.http).handle,
-                          max_body=args["max_input_size"], error_body=error_body)
-        await http.start("", 0, sock=_listening(*listen["http"]))
+        http_policy = access.Policy("http", args.get("http_restricted_api", ()))
+        http = HttpServer(ForwardingRestFrontend(client.infer, client.http, http_policy).handle,
+                          max_body=args["max_input_size"], error_body=error_body,
+                          limits=HttpLimits(**args.get("http_limits", {})))
+        await http.start("", 0, sock=_listening(*listen["http"]), ssl=contexts.get("http"))
     if "grpc" in listen:
         names = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods_by_name
         methods = {SERVICE + name: Method(bytes, client.grpc_forwarder(SERVICE + name)) for name in names}
         methods.update(GrpcInfer(client.infer).methods())
-        grpc = GrpcServer(methods, max_message=args["max_input_size"], error_status=error_status)
-        await grpc.start("", 0, sock=_listening(*listen["grpc"]))
+        authorize = access.grpc_authorize(access.Policy("grpc", args.get("grpc_restricted_protocol", ())))
+        grpc = GrpcServer(methods, max_message=args["max_input_size"], error_status=error_status,
+                          authorize=authorize, limits=H2Limits(**args.get("grpc_limits", {})))
+        await grpc.start("", 0, sock=_listening(*listen["grpc"]), ssl=contexts.get("grpc"))
     client.link.send(("hello", 0, os.getpid()))
     await stop.wait()
     # The scheduler has drained (or is gone): close listeners, finish what is open, exit.
@@ -147,6 +157,7 @@ def main() -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the scheduler, which stops us in order
     logging.basicConfig(level=logging.DEBUG if args.get("log_verbose") else logging.INFO,
                         format=f"%(asctime)s %(levelname).1s worker-{args.get('index', 0)} %(name)s: %(message)s")
+    logging.getLogger("hpack").setLevel(logging.INFO)  # at DEBUG it logs every header: restricted-API values
     try:
         import uvloop
 

@@ -15,18 +15,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import ipc
 from .context import CallContext
 from .frontends.grpc_server import Method
-from .frontends.http_server import HttpRequest, HttpResponse
+from .frontends.http_server import HttpLimits, HttpRequest, HttpResponse
+from .http2.connection import Limits as H2Limits
 from .service import InferenceService
 from .types import InferResponse
 
@@ -37,11 +39,13 @@ class WorkerEndpoint:
     """Answers one worker's link."""
 
     def __init__(self, service: InferenceService, rest: Callable[[HttpRequest], Any],
-                 grpc_methods: dict[str, Method], error_status: Callable[[BaseException], tuple[int, str]]) -> None:
+                 grpc_methods: dict[str, Method], error_status: Callable[[BaseException], tuple[int, str]],
+                 authorize: Callable[[str, CallContext], None] | None = None) -> None:
         self.service = service
         self.rest = rest
         self.grpc_methods = grpc_methods
         self.error_status = error_status
+        self.authorize = authorize  # --grpc-restricted-protocol, checked again on forwarded calls
         self.link: ipc.Link | None = None
         self.tasks: dict[int, asyncio.Task] = {}  # forwarded requests being answered
         self.cancels: dict[int, Callable[[], None]] = {}  # inferences queued or executing
@@ -95,7 +99,10 @@ class WorkerEndpoint:
             self._send(("grpc", rid, (12, f"unknown method {path}", b"")))
             return
         try:
-            reply = await method.call(method.parse(message), CallContext("grpc", metadata, peer))
+            ctx = CallContext("grpc", metadata, peer)
+            if self.authorize is not None:  # the worker checked; its metadata came along, so check here too
+                self.authorize(path, ctx)
+            reply = await method.call(method.parse(message), ctx)
             self._send(("grpc", rid, (0, "", reply.SerializeToString())))
         except Exception as exc:
             code, text = self.error_status(exc)
@@ -112,11 +119,20 @@ class WorkerEndpoint:
 
 class WorkerPool:
     def __init__(self, count: int, sockets: dict[str, socket.socket], make_endpoint: Callable[[], WorkerEndpoint],
-                 *, max_input_size: int, log_verbose: int) -> None:
+                 *, max_input_size: int, log_verbose: int, http_restricted_api: Sequence[str] = (),
+                 grpc_restricted_protocol: Sequence[str] = (), tls: Sequence[dict[str, Any]] = (),
+                 http_limits: HttpLimits | None = None, grpc_limits: H2Limits | None = None) -> None:
         self.count = count
         self.sockets = sockets
         self.make_endpoint = make_endpoint
-        self.args = {"max_input_size": max_input_size, "log_verbose": log_verbose}
+        # the restriction specs (server/access.py) as given on the command line, values included;
+        # `tls`: TlsSettings.to_dict() of each listener with TLS on (certificate and key paths, not contents)
+        self.args = {"max_input_size": max_input_size, "log_verbose": log_verbose,
+                     "http_restricted_api": list(http_restricted_api),
+                     "grpc_restricted_protocol": list(grpc_restricted_protocol),
+                     "tls": list(tls)}
+        self.args["http_limits"] = (http_limits or HttpLimits()).to_dict()  # the --http-max-* & co. flags
+        self.args["grpc_limits"] = dataclasses.asdict(grpc_limits or H2Limits())  # the --grpc-max-* flags
         self.procs: list[asyncio.subprocess.Process | None] = [None] * count
         self.stopping = False
         self._runners: list[asyncio.Task] = []

@@ -39,6 +39,7 @@ OK, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, UNIMPLEMENTED, INTERNAL = 0, 4, 8, 12
 _MSG_HEAD = struct.Struct(">BL")  # gRPC message: compressed flag, length
 _TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
 _WRITE_HIGH, _WRITE_LOW = 1 << 20, 256 << 10  # socket write buffer marks: pause reading above
+_LINGER = 2.0  # seconds a connection closed for an error keeps reading, so its GOAWAY arrives
 
 _REPLY_HEADERS = STATUS_200 + literal(b"content-type", b"application/grpc") + literal(
     b"grpc-accept-encoding", b"identity,deflate,gzip")
@@ -135,7 +136,8 @@ class GrpcProtocol(asyncio.Protocol):
             self._drop(call)  # the client went away: its calls are cancelled, queued work dropped
 
     def data_received(self, data: bytes) -> None:
-        self._handle(self.conn.receive_data(data))
+        if self.transport is not None:  # else closing: what still arrives is dropped
+            self._handle(self.conn.receive_data(data))
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -391,9 +393,18 @@ class GrpcProtocol(asyncio.Protocol):
             self._close()
 
     def _close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
-            self.transport = None
+        transport, self.transport = self.transport, None
+        if transport is None:
+            return
+        if self.conn.closed is not None and transport.can_write_eof():
+            # After an error's GOAWAY, close our side but keep reading (and dropping) for a moment: closing
+            # with the client's bytes unread would send a TCP reset, which can destroy the GOAWAY before the
+            # client reads it (nginx's lingering close). Bounded: at most _LINGER seconds.
+            transport.write_eof()
+            transport.resume_reading()
+            self.loop.call_later(_LINGER, transport.close)
+            return
+        transport.close()
 
     def shutdown(self) -> None:
         """GOAWAY: no new streams; the connection closes once its open streams end."""
