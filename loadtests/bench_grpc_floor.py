@@ -5,7 +5,7 @@
 
 Each tree (a checkout, e.g. `git worktree add /tmp/base main~3`) serves `transport_floors.py
 ours-grpc` (a canned ModelInferResponse after parsing the request), pinned to core 1; h2load drives
-it from core 0 (8 connections x 8 streams). The trees alternate, round by round, so noise on a shared
+it from core 0 (8 connections x 8 streams unless told). The trees alternate, round by round, so noise on a shared
 machine falls on both. Besides req/s it prints the server's CPU time per request (from
 /proc/<pid>/stat), which noise from other processes disturbs less than throughput.
 """
@@ -40,6 +40,9 @@ def _request_file() -> Path:
     return path
 
 
+CONNS, STREAMS = 8, 8
+
+
 def _cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -67,7 +70,8 @@ def measure(tree: Path, body: Path, seconds: float) -> tuple[float, float]:
                     raise RuntimeError("the server did not start") from None
                 time.sleep(0.1)
         cpu0 = _cpu_seconds(server.pid)
-        out = subprocess.run(["taskset", "-c", "0", "h2load", "-t1", "-c8", "-m8", f"-D{int(seconds)}", "-d", str(body),
+        out = subprocess.run(["taskset", "-c", "0", "h2load", "-t1", f"-c{CONNS}", f"-m{STREAMS}", f"-D{int(seconds)}",
+                              "-d", str(body),
                               "-H", "content-type: application/grpc", "-H", "te: trailers",
                               f"http://127.0.0.1:{port}/inference.GRPCInferenceService/ModelInfer"],
                              capture_output=True, text=True, timeout=seconds + 30).stdout
@@ -84,7 +88,11 @@ def main() -> None:
     ap.add_argument("--trees", nargs="+", type=Path, required=True)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=5)
+    ap.add_argument("--connections", type=int, default=8)
+    ap.add_argument("--streams", type=int, default=8, help="in flight per connection")
     a = ap.parse_args()
+    global CONNS, STREAMS
+    CONNS, STREAMS = a.connections, a.streams
     body = _request_file()
     results: dict[Path, list[tuple[float, float]]] = {t: [] for t in a.trees}
     for r in range(a.rounds):

@@ -180,11 +180,13 @@ class GrpcProtocol(asyncio.Protocol):
                 call = self.calls.get(sid)
                 if call is not None:
                     self._drop(call)
-        if self.conn.more_input and self.transport is not None:
+        conn = self.conn
+        if conn.more_input and self.transport is not None:
             self.parse_pending = True
             self.transport.pause_reading()
             self.loop.call_soon(self._parse_more)
-        self._write_out()
+        if conn.output or conn.goaway:
+            self._write_out()
 
     def _request(self, sid: int, headers: dict[str, str], end: bool) -> None:
         path = headers.get(":path", "")
@@ -264,7 +266,7 @@ class GrpcProtocol(asyncio.Protocol):
                 return self._end(call, RESOURCE_EXHAUSTED,
                                  f"decompressed message exceeds the {self.server.max_message}-byte limit")
         if call.method.streaming:
-            self._start(call, self._stream_call(call, message))
+            call.tasks.add(self.loop.create_task(self._stream_call(call, message)))
         else:  # a unary call starts when the client half-closes (_remote_closed)
             call.request = message
 
@@ -278,12 +280,9 @@ class GrpcProtocol(asyncio.Protocol):
         if call.request is None:
             return self._end(call, INTERNAL, "a unary call needs one request message; none was sent")
         message, call.request = call.request, None
-        self._start(call, self._unary_call(call, message))
+        call.tasks.add(self.loop.create_task(self._unary_call(call, message)))
 
     # ---- calls ---------------------------------------------------------------------------------
-
-    def _start(self, call: Call, coro: Any) -> None:
-        call.tasks.add(self.loop.create_task(coro))
 
     async def _unary_call(self, call: Call, message: bytes) -> None:
         try:
@@ -293,8 +292,7 @@ class GrpcProtocol(asyncio.Protocol):
             return  # reset, deadline or connection lost: _drop or _expire answer (or nobody listens)
         except Exception as exc:
             return self._end(call, *self._status_of(exc))
-        finally:
-            call.tasks.discard(asyncio.current_task())
+        # (this task stays in call.tasks: _close_call spares the current task, and the call goes)
         self._reply(call, body, end=True)
 
     async def _stream_call(self, call: Call, message: bytes) -> None:
@@ -358,9 +356,11 @@ class GrpcProtocol(asyncio.Protocol):
     def _close_call(self, call: Call) -> None:
         """Nothing more will be sent for `call`: stop its other tasks, its deadline, its input."""
         call.done = True
-        for task in list(call.tasks):
-            if task is not asyncio.current_task():
-                task.cancel()
+        if call.tasks:
+            current = asyncio.current_task()
+            for task in list(call.tasks):
+                if task is not current:
+                    task.cancel()
         if call.deadline is not None:
             call.deadline.cancel()
             call.deadline = None

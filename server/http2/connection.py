@@ -106,7 +106,7 @@ class H2Connection:
         self.idle_frames = 0
         self._input = Reassembly()
         self._preface_seen = False
-        self._out: list[bytes | memoryview] = []
+        self.output: list[bytes | memoryview] = []  # what to send, in order: data_to_send() takes it
         self._ready: list[Stream] = []  # streams whose window opened during this read
         self._events: list[Event] = []
         # decoded headers may take twice the block's bytes (HPACK indexes and compresses): more is a bomb
@@ -125,9 +125,9 @@ class H2Connection:
             (f.S_MAX_CONCURRENT_STREAMS, limits.max_concurrent_streams),
             (f.S_INITIAL_WINDOW_SIZE, limits.stream_window), (f.S_MAX_FRAME_SIZE, limits.max_frame_size),
             (f.S_MAX_HEADER_LIST_SIZE, 2 * limits.max_header_block), (f.S_ENABLE_PUSH, 0)))
-        self._out.append(f.frame(f.SETTINGS, 0, 0, settings))
+        self.output.append(f.frame(f.SETTINGS, 0, 0, settings))
         if limits.connection_window > f.DEFAULT_WINDOW:
-            self._out.append(f.frame(f.WINDOW_UPDATE, 0, 0, f.U32.pack(limits.connection_window - f.DEFAULT_WINDOW)))
+            self.output.append(f.frame(f.WINDOW_UPDATE, 0, 0, f.U32.pack(limits.connection_window - f.DEFAULT_WINDOW)))
 
     # ---- input ---------------------------------------------------------------------------------
 
@@ -137,7 +137,8 @@ class H2Connection:
         events = self._events = []
         if self.closed is not None:
             return events
-        buf = self._input.feed(data)
+        inp = self._input
+        buf = inp.feed(data) if inp.rest or inp.need else data  # (feed() would say the same, slower)
         self.more_input = False
         if buf is None:
             return events
@@ -162,7 +163,8 @@ class H2Connection:
                     pos = end = -1
                     break
                 budget -= 1
-                payload = view[pos + 9:pos + 9 + length]
+                # a small frame is sliced (one object); a large one viewed, not copied
+                payload = buf[pos + 9:pos + 9 + length] if length < 4096 else view[pos + 9:pos + 9 + length]
                 pos += 9 + length
                 if self._pending_block is not None and ftype != f.CONTINUATION:
                     raise ConnectionError(f.PROTOCOL_ERROR, "expected a CONTINUATION frame")
@@ -175,8 +177,8 @@ class H2Connection:
                 except StreamError as exc:
                     self.reset_stream(exc.sid, exc.code)
                     events.append((STREAM_RESET, exc.sid, exc.code, False))
-            if pos >= 0:
-                self._input.keep(buf, pos)
+            if 0 <= pos < len(buf):
+                inp.keep(buf, pos)
         except ConnectionError as exc:
             self.close(exc.code, exc.message)
             return events
@@ -208,7 +210,9 @@ class H2Connection:
 
     def _data(self, flags: int, sid: int, payload: memoryview | bytes) -> None:
         size = len(payload)
-        if not self.recv_window.received(size):
+        window = self.recv_window
+        window.available -= size
+        if window.available < 0:
             raise ConnectionError(f.FLOW_CONTROL_ERROR, "DATA beyond the connection window")
         self.unreturned += size
         stream = self.streams.get(sid)
@@ -226,13 +230,11 @@ class H2Connection:
             self.idle_frames = 0
         else:
             self._idle()
-        stream.apply(st.RECV_DATA)
-        if end:
-            stream.apply(st.RECV_END_STREAM)
-        else:
+        stream.apply(st.RECV_DATA_END if end else st.RECV_DATA)
+        if not end:
             stream.recv_window += size
             if stream.recv_window >= self.limits.stream_window // 2:
-                self._out.append(f.frame(f.WINDOW_UPDATE, 0, sid, f.U32.pack(stream.recv_window)))
+                self.output.append(f.frame(f.WINDOW_UPDATE, 0, sid, f.U32.pack(stream.recv_window)))
                 stream.recv_window = 0
         self._events.append((DATA_RECEIVED, sid, payload, end))
         if stream.state == st.CLOSED:
@@ -277,10 +279,7 @@ class H2Connection:
             self._idle()
 
     def _decode_headers(self, block: bytes) -> dict[str, str]:
-        cached = self._header_cache.get(block)
         table = self._table
-        if cached is not None and cached[0] == table.generation:
-            return cached[1]
         if f.leading_size_updates(block) > 2:
             raise ConnectionError(f.COMPRESSION_ERROR, "more than two dynamic table size updates open the block")
         try:
@@ -297,14 +296,18 @@ class H2Connection:
         return headers
 
     def _header_block(self, sid: int, flags: int, block: bytes) -> None:
-        headers = self._decode_headers(block)  # always: the decoder's table must follow the peer's
+        # always decoded (or reused): the decoder's table must follow the peer's
+        cached = self._header_cache.get(block)
+        if cached is not None and cached[0] == self._table.generation:
+            headers = cached[1]
+        else:
+            headers = self._decode_headers(block)
         end = bool(flags & f.END_STREAM)
         stream = self.streams.get(sid)
         if stream is not None:  # trailers from the client: they must end the stream
             if not end:
                 raise StreamError(sid, f.PROTOCOL_ERROR, "trailers without END_STREAM")
-            stream.apply(st.RECV_HEADERS)
-            stream.apply(st.RECV_END_STREAM)
+            stream.apply(st.RECV_HEADERS_END)
             self.idle_frames = 0
             self._events.append((STREAM_ENDED, sid, None, False))
             if stream.state == st.CLOSED:
@@ -316,12 +319,10 @@ class H2Connection:
         self.idle_frames = 0
         if (self.goaway or len(self.streams) >= self.limits.max_concurrent_streams
                 or self.held_output > self.limits.max_held_reply_bytes):
-            self._out.append(f.frame(f.RST_STREAM, 0, sid, f.U32.pack(f.REFUSED_STREAM)))
+            self.output.append(f.frame(f.RST_STREAM, 0, sid, f.U32.pack(f.REFUSED_STREAM)))
             return
         stream = self.streams[sid] = Stream(sid, self.peer_initial_window)
-        stream.apply(st.RECV_HEADERS)
-        if end:
-            stream.apply(st.RECV_END_STREAM)
+        stream.apply(st.RECV_HEADERS_END if end else st.RECV_HEADERS)
         self._events.append((REQUEST, sid, headers, end))
 
     def _priority(self, flags: int, sid: int, payload: memoryview | bytes) -> None:
@@ -372,7 +373,7 @@ class H2Connection:
             elif key == f.S_ENABLE_PUSH and value > 1:
                 raise ConnectionError(f.PROTOCOL_ERROR, "SETTINGS_ENABLE_PUSH must be 0 or 1")
             # header table size: our replies never use the dynamic table, so nothing to do
-        self._out.append(f.frame(f.SETTINGS, f.ACK, 0))
+        self.output.append(f.frame(f.SETTINGS, f.ACK, 0))
 
     def _push_promise(self, flags: int, sid: int, payload: memoryview | bytes) -> None:
         raise ConnectionError(f.PROTOCOL_ERROR, "clients cannot push")
@@ -384,7 +385,7 @@ class H2Connection:
             raise ConnectionError(f.PROTOCOL_ERROR, "PING on a stream")
         self._idle()
         if not flags & f.ACK:
-            self._out.append(f.frame(f.PING, f.ACK, 0, bytes(payload)))
+            self.output.append(f.frame(f.PING, f.ACK, 0, bytes(payload)))
 
     def _goaway(self, flags: int, sid: int, payload: memoryview | bytes) -> None:
         if sid:
@@ -425,18 +426,18 @@ class H2Connection:
     # ---- output --------------------------------------------------------------------------------
 
     def data_to_send(self) -> bytes:
-        out = self._out
+        out = self.output
         if not out:
             return b""
         data = out[0] if len(out) == 1 else b"".join(out)
-        self._out = []
+        self.output = []
         return bytes(data)
 
     def send_headers(self, sid: int, block: bytes) -> None:
         stream = self.streams[sid]
         stream.apply(st.SEND_HEADERS)
         stream.headers_sent = True
-        self._out.append(f.frame(f.HEADERS, f.END_HEADERS, sid, block))
+        self.output.append(f.frame(f.HEADERS, f.END_HEADERS, sid, block))
 
     def send_data(self, sid: int, data: bytes) -> None:
         """Queue `data` on the stream; as much as the windows allow goes out now."""
@@ -447,8 +448,8 @@ class H2Connection:
                 and n <= self.peer_max_frame):
             self.send_window -= n
             stream.send_window -= n
-            self._out.append(f.frame_head(f.DATA, 0, sid, n))
-            self._out.append(data)
+            self.output.append(f.frame_head(f.DATA, 0, sid, n))
+            self.output.append(data)
             return
         stream.out.append(memoryview(data))
         stream.out_bytes += n
@@ -467,15 +468,17 @@ class H2Connection:
             self.send_trailers(sid, trailers)
             return
         # SEND_HEADERS and SEND_DATA leave the state as it is wherever SEND_END_STREAM is allowed
-        remote_open = not stream.remote_closed
+        remote_open = stream.state == st.OPEN
         stream.apply(st.SEND_END_STREAM)
         self.send_window -= n
         stream.send_window -= n
-        self._out.append(f.frame(f.HEADERS, f.END_HEADERS, sid, headers) + f.frame_head(f.DATA, 0, sid, n) + data
-                         + f.frame(f.HEADERS, f.END_HEADERS | f.END_STREAM, sid, trailers))
+        h, t, pack = len(headers), len(trailers), f.FRAME_HEAD.pack
+        self.output.append(pack(h >> 16, h & 0xFFFF, f.HEADERS, f.END_HEADERS, sid) + headers
+                           + pack(n >> 16, n & 0xFFFF, f.DATA, 0, sid) + data
+                           + pack(t >> 16, t & 0xFFFF, f.HEADERS, f.END_HEADERS | f.END_STREAM, sid) + trailers)
         if remote_open:
             stream.apply(st.SEND_RST)
-            self._out.append(f.frame(f.RST_STREAM, 0, sid, f.U32.pack(f.NO_ERROR)))
+            self.output.append(f.frame(f.RST_STREAM, 0, sid, f.U32.pack(f.NO_ERROR)))
         del self.streams[sid]
 
     def send_trailers(self, sid: int, block: bytes) -> None:
@@ -493,21 +496,21 @@ class H2Connection:
         if stream is not None:
             stream.apply(st.SEND_RST)
             self._forget(stream)
-        self._out.append(f.frame(f.RST_STREAM, 0, sid, f.U32.pack(code)))
+        self.output.append(f.frame(f.RST_STREAM, 0, sid, f.U32.pack(code)))
 
     def close(self, code: int, message: str = "") -> None:
         """GOAWAY with `code`: the application closes the socket once it has written it."""
         if self.closed is None:
             self.closed = (code, message)
             self.goaway = True
-            self._out.append(f.frame(f.GOAWAY, 0, 0, f.U32.pack(self.last_sid) + f.U32.pack(code)
+            self.output.append(f.frame(f.GOAWAY, 0, 0, f.U32.pack(self.last_sid) + f.U32.pack(code)
                                      + message.encode()[:256]))
 
     def shutdown(self) -> None:
         """GOAWAY NO_ERROR: no new streams; the open ones finish."""
         if not self.goaway:
             self.goaway = True
-            self._out.append(f.frame(f.GOAWAY, 0, 0, f.U32.pack(self.last_sid) + f.U32.pack(f.NO_ERROR)))
+            self.output.append(f.frame(f.GOAWAY, 0, 0, f.U32.pack(self.last_sid) + f.U32.pack(f.NO_ERROR)))
 
     def set_output_blocked(self, blocked: bool) -> None:
         """The socket's buffer is full (True) or drained (False). While blocked, DATA stays queued on
@@ -534,7 +537,7 @@ class H2Connection:
         increment = self.recv_window.consume(self.unreturned)
         self.unreturned = 0
         if increment:
-            self._out.append(f.frame(f.WINDOW_UPDATE, 0, 0, f.U32.pack(increment)))
+            self.output.append(f.frame(f.WINDOW_UPDATE, 0, 0, f.U32.pack(increment)))
 
     def _flush_ready(self) -> None:
         if self._ready:
@@ -544,7 +547,7 @@ class H2Connection:
                     self._flush(stream)
 
     def _flush(self, stream: Stream) -> None:
-        out = self._out
+        out = self.output
         while stream.out and not self.output_blocked:
             data = stream.out[0]
             n = min(len(data), self.send_window, stream.send_window, self.peer_max_frame)
@@ -565,13 +568,13 @@ class H2Connection:
             self._end(stream)
 
     def _end(self, stream: Stream) -> None:
-        self._out.append(cast(bytes, stream.trailers))
+        self.output.append(cast(bytes, stream.trailers))
         stream.trailers = None
         remote_open = not stream.remote_closed
         stream.apply(st.SEND_END_STREAM)
         if remote_open:
             stream.apply(st.SEND_RST)
-            self._out.append(f.frame(f.RST_STREAM, 0, stream.sid, f.U32.pack(f.NO_ERROR)))
+            self.output.append(f.frame(f.RST_STREAM, 0, stream.sid, f.U32.pack(f.NO_ERROR)))
         self._forget(stream)
 
     def _forget(self, stream: Stream) -> None:

@@ -14,31 +14,34 @@ from collections import deque
 IDLE, OPEN, HALF_CLOSED_REMOTE, HALF_CLOSED_LOCAL, CLOSED = range(5)
 # HALF_CLOSED_REMOTE: the client has sent END_STREAM, we may still send;
 # HALF_CLOSED_LOCAL: we have sent END_STREAM, the client may still send.
-RECV_HEADERS, RECV_DATA, RECV_END_STREAM, RECV_RST, SEND_HEADERS, SEND_DATA, SEND_END_STREAM, SEND_RST = range(8)
+# *_END: the frame carries END_STREAM (one input, so the hot path looks the table up once per frame)
+RECV_HEADERS, RECV_HEADERS_END, RECV_DATA, RECV_DATA_END, RECV_RST = range(5)
+SEND_HEADERS, SEND_DATA, SEND_END_STREAM, SEND_RST = range(5, 9)
 STATE_NAMES = ("IDLE", "OPEN", "HALF_CLOSED_REMOTE", "HALF_CLOSED_LOCAL", "CLOSED")
-INPUT_NAMES = ("RECV_HEADERS", "RECV_DATA", "RECV_END_STREAM", "RECV_RST",
+INPUT_NAMES = ("RECV_HEADERS", "RECV_HEADERS_END", "RECV_DATA", "RECV_DATA_END", "RECV_RST",
                "SEND_HEADERS", "SEND_DATA", "SEND_END_STREAM", "SEND_RST")
 
 TRANSITIONS: dict[tuple[int, int], int] = {
     (IDLE, RECV_HEADERS): OPEN,
-    (OPEN, RECV_HEADERS): OPEN,  # trailers: must carry END_STREAM (checked by the connection)
+    (IDLE, RECV_HEADERS_END): HALF_CLOSED_REMOTE,
+    (OPEN, RECV_HEADERS_END): HALF_CLOSED_REMOTE,  # trailers (without END_STREAM: the connection refuses them)
     (OPEN, RECV_DATA): OPEN,
-    (OPEN, RECV_END_STREAM): HALF_CLOSED_REMOTE,
+    (OPEN, RECV_DATA_END): HALF_CLOSED_REMOTE,
     (OPEN, SEND_HEADERS): OPEN,
     (OPEN, SEND_DATA): OPEN,
     (OPEN, SEND_END_STREAM): HALF_CLOSED_LOCAL,
     (HALF_CLOSED_REMOTE, SEND_HEADERS): HALF_CLOSED_REMOTE,
     (HALF_CLOSED_REMOTE, SEND_DATA): HALF_CLOSED_REMOTE,
     (HALF_CLOSED_REMOTE, SEND_END_STREAM): CLOSED,
-    (HALF_CLOSED_LOCAL, RECV_HEADERS): HALF_CLOSED_LOCAL,
+    (HALF_CLOSED_LOCAL, RECV_HEADERS_END): CLOSED,
     (HALF_CLOSED_LOCAL, RECV_DATA): HALF_CLOSED_LOCAL,
-    (HALF_CLOSED_LOCAL, RECV_END_STREAM): CLOSED,
+    (HALF_CLOSED_LOCAL, RECV_DATA_END): CLOSED,
 }
 for _state in (OPEN, HALF_CLOSED_REMOTE, HALF_CLOSED_LOCAL, CLOSED):  # a reset, either way, closes the stream
     TRANSITIONS[(_state, RECV_RST)] = CLOSED
     TRANSITIONS[(_state, SEND_RST)] = CLOSED
-# the same table keyed by one int, state * 8 + input, for the lookup on the hot path
-_TABLE = {state * 8 + event: nxt for (state, event), nxt in TRANSITIONS.items()}
+# the same table keyed by one int, state * 16 + input, for the lookup on the hot path
+_TABLE = {state * 16 + event: nxt for (state, event), nxt in TRANSITIONS.items()}
 
 
 class StreamError(Exception):
@@ -68,7 +71,7 @@ class Stream:
     def apply(self, event: int) -> int:
         """Move to the state the table gives for `event`; StreamError STREAM_CLOSED when the table
         has no entry."""
-        nxt = _TABLE.get(self.state * 8 + event)
+        nxt = _TABLE.get(self.state * 16 + event)
         if nxt is None:
             raise StreamError(self.sid, 5, f"{INPUT_NAMES[event]} on a stream in state {STATE_NAMES[self.state]}")
         self.state = nxt

@@ -13,13 +13,8 @@ class ReceiveWindow:
 
     def __init__(self, size: int) -> None:
         self.size = size  # what we advertised
-        self.available = size  # what the peer may still send
+        self.available = size  # what the peer may still send (H2Connection counts DATA off it)
         self.consumed = 0  # received and consumed, not yet returned
-
-    def received(self, n: int) -> bool:
-        """The peer sent `n` flow-controlled bytes; False when that exceeds what we granted."""
-        self.available -= n
-        return self.available >= 0
 
     def consume(self, n: int) -> int:
         """The application is done with `n` bytes: the increment to send now, or 0."""
