@@ -31,6 +31,7 @@ def ours(port: int) -> None:
 
     async def main() -> None:
         await HttpServer(handler, max_body=1 << 26, error_body=str.encode).start("127.0.0.1", port)
+        _gc_as_served()
         await asyncio.Event().wait()
 
     uvloop.run(main())
@@ -120,6 +121,15 @@ def h2(port: int) -> None:
     uvloop.run(main())
 
 
+def _gc_as_served() -> None:
+    """The collector settings `fuserve serve` runs with (server/app.py): long-lived objects frozen,
+    collections less often."""
+    import gc
+
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 20)
+
+
 def ours_grpc(port: int) -> None:
     import uvloop
 
@@ -135,6 +145,7 @@ def ours_grpc(port: int) -> None:
         methods = {"/inference.GRPCInferenceService/ModelInfer": Method(pb.ModelInferRequest.FromString, infer)}
         server = GrpcServer(methods, max_message=1 << 26, error_status=lambda exc: (13, str(exc)))
         await server.start("127.0.0.1", port)
+        _gc_as_served()
         await asyncio.Event().wait()
 
     uvloop.run(main())

@@ -167,8 +167,14 @@ class GrpcProtocol(asyncio.Protocol):
             if kind == h2.DATA_RECEIVED:
                 call = self.calls.get(sid)
                 if call is not None and not call.done:
-                    self._data(call, payload)
-                    if end:
+                    if call.buf:  # a message continues
+                        call.buf += payload
+                        self._messages(call, call.buf)
+                    elif payload:
+                        rest = self._messages(call, payload)
+                        if rest and not call.done:
+                            call.buf += rest
+                    if end and not call.done:
                         self._remote_closed(call)
             elif kind == h2.REQUEST:
                 self._request(sid, payload, end)
@@ -220,15 +226,6 @@ class GrpcProtocol(asyncio.Protocol):
 
     def _held_input(self) -> int:
         return sum(len(c.buf) + len(c.request or b"") for c in self.calls.values())
-
-    def _data(self, call: Call, payload: memoryview) -> None:
-        if call.buf:
-            call.buf += payload
-            self._messages(call, call.buf)
-        elif payload:
-            rest = self._messages(call, payload)
-            if rest and not call.done:
-                call.buf += rest
 
     def _messages(self, call: Call, data: memoryview | bytearray) -> memoryview | bytearray:
         """Take every complete gRPC message off `data`; returns what is left (or trims call.buf)."""
@@ -331,9 +328,17 @@ class GrpcProtocol(asyncio.Protocol):
         data = _MSG_HEAD.pack(0, len(body)) + body
         if not conn.streams[call.sid].headers_sent:
             if end:  # a unary call: one buffer, one write
-                self._close_call(call)
+                # _close_call's work, what of it applies: its one task is this one, its input was taken
+                call.done = True
+                if call.deadline is not None:
+                    call.deadline.cancel()
+                    call.deadline = None
+                del self.calls[call.sid]
                 conn.send_response(call.sid, _REPLY_HEADERS, data, _TRAILERS_OK)
-                return self._write_out()
+                self.transport.write(conn.data_to_send())
+                if conn.goaway:
+                    self._write_out()
+                return
             conn.send_headers(call.sid, _REPLY_HEADERS)
         conn.send_data(call.sid, data)
         if end:
