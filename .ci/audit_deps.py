@@ -117,7 +117,7 @@ def main() -> int:
             "the dependencies were NOT audited, no vulnerability service was usable:\n  "
             + "\n  ".join(problems)
             + "\nContinuing so that CI does not fail on a service outage; rerun where "
-            "https://pypi.org/pypi/<name>/<version>/json or https://api.osv.dev is reachable."
+            "a vulnerability service (PyPI's per-version JSON API or OSV) is reachable."
         )
         return 0
 
