@@ -21,6 +21,7 @@ import logging
 import socket
 import struct
 import zlib
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from ssl import SSLContext
@@ -39,6 +40,7 @@ OK, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, UNIMPLEMENTED, INTERNAL = 0, 4, 8, 12
 _MSG_HEAD = struct.Struct(">BL")  # gRPC message: compressed flag, length
 _TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
 _WRITE_HIGH, _WRITE_LOW = 1 << 20, 256 << 10  # socket write buffer marks: pause reading above
+_STREAM_TASKS = 32  # messages of one streaming call being answered at once
 _LINGER = 2.0  # seconds a connection closed for an error keeps reading, so its GOAWAY arrives
 
 _REPLY_HEADERS = STATUS_200 + literal(b"content-type", b"application/grpc") + literal(
@@ -55,7 +57,8 @@ def status_block(code: int, message: str) -> bytes:
 
 def parse_timeout(value: str) -> float | None:
     """`grpc-timeout`: up to 8 digits and a unit. None when malformed (then there is no deadline)."""
-    if 2 <= len(value) <= 9 and value[:-1].isdigit() and value[-1] in _TIMEOUT_UNITS:
+    digits = value[:-1]
+    if 2 <= len(value) <= 9 and digits.isascii() and digits.isdigit() and value[-1] in _TIMEOUT_UNITS:
         return int(value[:-1]) * _TIMEOUT_UNITS[value[-1]]
     return None
 
@@ -93,7 +96,7 @@ Authorize = Callable[[str, CallContext], None]
 class Call:
     """One gRPC call (one HTTP/2 stream) as this layer sees it."""
 
-    __slots__ = ("sid", "method", "ctx", "encoding", "buf", "request", "tasks", "deadline", "done")
+    __slots__ = ("sid", "method", "ctx", "encoding", "buf", "request", "tasks", "deadline", "done", "backlog")
 
     def __init__(self, sid: int, method: Method, ctx: CallContext, encoding: str) -> None:
         self.sid = sid
@@ -105,6 +108,9 @@ class Call:
         self.tasks: set[asyncio.Task] = set()  # a task leaves this set itself, as it finishes
         self.deadline: asyncio.TimerHandle | None = None
         self.done = False  # trailers queued (or the stream reset): nothing more is sent
+        # a streaming call's messages waiting for a task: at most _STREAM_TASKS run at once, and none
+        # starts while the connection holds more replies than it may (their bytes count as held input)
+        self.backlog: deque[bytes] = deque()
 
 
 class GrpcProtocol(asyncio.Protocol):
@@ -115,6 +121,7 @@ class GrpcProtocol(asyncio.Protocol):
         self.conn = h2.H2Connection(server.limits)
         self.conn.held_input = self._held_input
         self.calls: dict[int, Call] = {}
+        self.backlogged: set[Call] = set()  # streaming calls with messages waiting (Call.backlog)
         self.peer = ""
         self.write_paused = False
         self.parse_pending = False  # input left for the next loop turn (the frame budget)
@@ -187,6 +194,11 @@ class GrpcProtocol(asyncio.Protocol):
                 if call is not None:
                     self._drop(call)
         conn = self.conn
+        if self.backlogged and conn.held_output <= self.server.limits.max_held_reply_bytes:
+            for call in list(self.backlogged):  # replies went out (window opened): start what waits
+                self._start_streamed(call)
+        if conn.input_stalled:
+            self._unstall()
         if conn.more_input and self.transport is not None:
             self.parse_pending = True
             self.transport.pause_reading()
@@ -195,6 +207,8 @@ class GrpcProtocol(asyncio.Protocol):
             self._write_out()
 
     def _request(self, sid: int, headers: dict[str, str], end: bool) -> None:
+        if sid not in self.conn.streams:  # reset later in the same read: nothing to answer
+            return
         path = headers.get(":path", "")
         if headers.get(":method") != "POST" or not headers.get("content-type", "").startswith("application/grpc"):
             return self._refuse(sid, INTERNAL, "not a gRPC request: expected POST with content-type application/grpc")
@@ -225,7 +239,18 @@ class GrpcProtocol(asyncio.Protocol):
         self.conn.send_trailers(sid, _REPLY_HEADERS + status_block(code, message))
 
     def _held_input(self) -> int:
-        return sum(len(c.buf) + len(c.request or b"") for c in self.calls.values())
+        return sum(len(c.buf) + len(c.request or b"") + sum(map(len, c.backlog)) for c in self.calls.values())
+
+    def _unstall(self) -> None:
+        """Every stream's message is partial and together they fill the connection window: no stream
+        can finish, so the call holding the most ends (RESOURCE_EXHAUSTED) and the window moves again."""
+        def held(c: Call) -> int:
+            return len(c.buf) + len(c.request or b"") + sum(map(len, c.backlog))
+
+        victim = max(self.calls.values(), key=held, default=None)
+        if victim is not None and held(victim):
+            self._end(victim, RESOURCE_EXHAUSTED, "the connection's partial messages fill its flow-control window "
+                      f"({self.conn.recv_window.size} bytes); this call held the most")
 
     def _messages(self, call: Call, data: memoryview | bytearray) -> memoryview | bytearray:
         """Take every complete gRPC message off `data`; returns what is left (or trims call.buf)."""
@@ -263,7 +288,8 @@ class GrpcProtocol(asyncio.Protocol):
                 return self._end(call, RESOURCE_EXHAUSTED,
                                  f"decompressed message exceeds the {self.server.max_message}-byte limit")
         if call.method.streaming:
-            call.tasks.add(self.loop.create_task(self._stream_call(call, message)))
+            call.backlog.append(message)
+            self._start_streamed(call)
         else:  # a unary call starts when the client half-closes (_remote_closed)
             call.request = message
 
@@ -271,13 +297,15 @@ class GrpcProtocol(asyncio.Protocol):
         if call.buf:
             return self._end(call, INTERNAL, "the stream ended inside a message")
         if call.method.streaming:
-            if not call.tasks:
+            if not call.tasks and not call.backlog:
                 self._end(call, OK, "")
             return
         if call.request is None:
             return self._end(call, INTERNAL, "a unary call needs one request message; none was sent")
         message, call.request = call.request, None
         call.tasks.add(self.loop.create_task(self._unary_call(call, message)))
+        if self.conn.input_stalled:
+            self.conn.release_input()
 
     # ---- calls ---------------------------------------------------------------------------------
 
@@ -292,6 +320,16 @@ class GrpcProtocol(asyncio.Protocol):
         # (this task stays in call.tasks: _close_call spares the current task, and the call goes)
         self._reply(call, body, end=True)
 
+    def _start_streamed(self, call: Call) -> None:
+        """Start tasks for a streaming call's waiting messages, as far as its limits allow."""
+        limit = self.server.limits.max_held_reply_bytes
+        while call.backlog and len(call.tasks) < _STREAM_TASKS and self.conn.held_output <= limit and not call.done:
+            call.tasks.add(self.loop.create_task(self._stream_call(call, call.backlog.popleft())))
+        if call.backlog:
+            self.backlogged.add(call)
+        else:
+            self.backlogged.discard(call)
+
     async def _stream_call(self, call: Call, message: bytes) -> None:
         try:
             reply = await call.method.call(_parse(call.method, message), call.ctx)
@@ -305,9 +343,11 @@ class GrpcProtocol(asyncio.Protocol):
             # between would see this task still there and the stream would never end.
             call.tasks.discard(asyncio.current_task())
         self._reply(call, body, end=False)
+        if call.backlog:
+            self._start_streamed(call)
         stream = self.conn.streams.get(call.sid)
-        if stream is not None and stream.remote_closed and not call.tasks and not call.done:  # the last one
-            self._end(call, OK, "")
+        if stream is not None and stream.remote_closed and not call.tasks and not call.backlog and not call.done:
+            self._end(call, OK, "")  # the last one
 
     def _status_of(self, exc: BaseException) -> tuple[int, str]:
         if isinstance(exc, CallError):
@@ -325,8 +365,11 @@ class GrpcProtocol(asyncio.Protocol):
         if call.done or self.transport is None:
             return
         conn = self.conn
+        stream = conn.streams.get(call.sid)
+        if stream is None:
+            return
         data = _MSG_HEAD.pack(0, len(body)) + body
-        if not conn.streams[call.sid].headers_sent:
+        if not stream.headers_sent:
             if end:  # a unary call: one buffer, one write
                 # _close_call's work, what of it applies: its one task is this one, its input was taken
                 call.done = True
@@ -369,9 +412,11 @@ class GrpcProtocol(asyncio.Protocol):
         if call.deadline is not None:
             call.deadline.cancel()
             call.deadline = None
-        held = bool(call.buf or call.request)
+        held = bool(call.buf or call.request or call.backlog)
         call.buf = bytearray()
         call.request = None
+        call.backlog.clear()
+        self.backlogged.discard(call)
         self.calls.pop(call.sid, None)
         if held:
             self.conn.release_input()

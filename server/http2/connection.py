@@ -46,6 +46,7 @@ from .stream import Stream, StreamError
 from .windows import ReceiveWindow
 
 REQUEST, DATA_RECEIVED, STREAM_ENDED, STREAM_RESET = range(4)
+_MAX_SETTINGS = 32  # entries in one SETTINGS frame
 Event = tuple[int, int, Any, bool]
 
 
@@ -97,6 +98,9 @@ class H2Connection:
         self._refill_at = limits.connection_window // 2
         # bytes the application holds unconsumed (partial messages): it sets this to its own count
         self.held_input: Callable[[], int] = lambda: 0
+        # set when the window was not returned because held_input() fills it: with every stream's
+        # message partial, no stream can finish; the application must drop one (it knows which)
+        self.input_stalled = False
         self.unreturned = 0  # received on the connection and not yet returned
         self.held_output = 0  # reply bytes queued on streams, waiting for window
         self.output_blocked = False  # the application's socket is full: queue DATA, send none
@@ -177,6 +181,7 @@ class H2Connection:
                 except StreamError as exc:
                     self.reset_stream(exc.sid, exc.code)
                     events.append((STREAM_RESET, exc.sid, exc.code, False))
+                    self._idle()  # a reset asks nothing of us either: a flood of them is counted
             if 0 <= pos < len(buf):
                 inp.keep(buf, pos)
         except ConnectionError as exc:
@@ -280,12 +285,15 @@ class H2Connection:
 
     def _decode_headers(self, block: bytes) -> dict[str, str]:
         table = self._table
+        generation = table.generation
         if f.leading_size_updates(block) > 2:
             raise ConnectionError(f.COMPRESSION_ERROR, "more than two dynamic table size updates open the block")
         try:
             headers = cast(dict[str, str], dict(self._decoder.decode(block)))
         except hpack.HPACKError as exc:
             raise ConnectionError(f.COMPRESSION_ERROR, f"cannot decode header block: {exc}") from None
+        if table.generation != generation:
+            return headers  # the block changed the table: sent again, it must be decoded again
         cost = 2 * len(block) + sum(len(k) + len(v) for k, v in headers.items())
         if self._header_cache_bytes + cost > self.limits.header_cache_bytes:
             self._header_cache.clear()
@@ -313,8 +321,9 @@ class H2Connection:
             if stream.state == st.CLOSED:
                 self._forget(stream)
             return
-        if sid <= self.last_sid:
-            raise ConnectionError(f.STREAM_CLOSED, f"stream {sid} was already used")
+        if sid <= self.last_sid:  # a stream already closed (trailers after our reset, say): ignored, counted
+            self._idle()
+            return
         self.last_sid = sid
         self.idle_frames = 0
         if (self.goaway or len(self.streams) >= self.limits.max_concurrent_streams
@@ -326,13 +335,17 @@ class H2Connection:
         self._events.append((REQUEST, sid, headers, end))
 
     def _priority(self, flags: int, sid: int, payload: memoryview | bytes) -> None:
-        if len(payload) != 5:
-            raise StreamError(sid, f.FRAME_SIZE_ERROR, "PRIORITY payload is not 5 bytes")
+        if not sid:
+            raise ConnectionError(f.PROTOCOL_ERROR, "PRIORITY on stream 0")
+        if len(payload) != 5:  # a stream error by the RFC, which lets us treat it as the connection's
+            raise ConnectionError(f.FRAME_SIZE_ERROR, "PRIORITY payload is not 5 bytes")
         self._idle()
 
     def _rst_stream(self, flags: int, sid: int, payload: memoryview | bytes) -> None:
-        if len(payload) != 4 or not sid:
-            raise ConnectionError(f.PROTOCOL_ERROR, "bad RST_STREAM frame")
+        if not sid:
+            raise ConnectionError(f.PROTOCOL_ERROR, "RST_STREAM on stream 0")
+        if len(payload) != 4:
+            raise ConnectionError(f.FRAME_SIZE_ERROR, "RST_STREAM payload is not 4 bytes")
         if sid > self.last_sid:
             raise ConnectionError(f.PROTOCOL_ERROR, f"RST_STREAM on idle stream {sid}")
         stream = self.streams.get(sid)
@@ -353,19 +366,15 @@ class H2Connection:
             return
         if len(payload) % 6:
             raise ConnectionError(f.FRAME_SIZE_ERROR, "SETTINGS payload is not a multiple of 6")
+        if len(payload) > 6 * _MAX_SETTINGS:  # there are six settings: more entries are only work for us
+            raise ConnectionError(f.ENHANCE_YOUR_CALM, f"more than {_MAX_SETTINGS} entries in one SETTINGS frame")
+        window = None
         for i in range(0, len(payload), 6):
             key, value = f.SETTING.unpack_from(payload, i)
             if key == f.S_INITIAL_WINDOW_SIZE:
                 if value > f.MAX_WINDOW:
                     raise ConnectionError(f.FLOW_CONTROL_ERROR, "SETTINGS_INITIAL_WINDOW_SIZE too large")
-                delta = value - self.peer_initial_window
-                self.peer_initial_window = value
-                for stream in self.streams.values():
-                    stream.send_window += delta
-                    if stream.send_window > f.MAX_WINDOW:
-                        raise ConnectionError(f.FLOW_CONTROL_ERROR, "a stream window overflows")
-                    if delta > 0 and stream.out:
-                        self._ready.append(stream)
+                window = value  # applied once, below: the last value wins
             elif key == f.S_MAX_FRAME_SIZE:
                 if not 16384 <= value <= 16777215:
                     raise ConnectionError(f.PROTOCOL_ERROR, "SETTINGS_MAX_FRAME_SIZE out of range")
@@ -373,6 +382,15 @@ class H2Connection:
             elif key == f.S_ENABLE_PUSH and value > 1:
                 raise ConnectionError(f.PROTOCOL_ERROR, "SETTINGS_ENABLE_PUSH must be 0 or 1")
             # header table size: our replies never use the dynamic table, so nothing to do
+        if window is not None and window != self.peer_initial_window:
+            delta = window - self.peer_initial_window
+            self.peer_initial_window = window
+            for stream in self.streams.values():
+                stream.send_window += delta
+                if stream.send_window > f.MAX_WINDOW:
+                    raise ConnectionError(f.FLOW_CONTROL_ERROR, "a stream window overflows")
+                if delta > 0 and stream.out:
+                    self._ready.append(stream)
         self.output.append(f.frame(f.SETTINGS, f.ACK, 0))
 
     def _push_promise(self, flags: int, sid: int, payload: memoryview | bytes) -> None:
@@ -485,7 +503,9 @@ class H2Connection:
         """End the stream with `block` (trailers, or a trailers-only response when no headers went
         out), after any DATA still held. If the client is still sending, it is then told to stop
         with RST_STREAM NO_ERROR (RFC 9113 §8.1)."""
-        stream = self.streams[sid]
+        stream = self.streams.get(sid)
+        if stream is None:  # reset (by the peer or for its errors) meanwhile: nothing more to send
+            return
         stream.trailers = f.frame(f.HEADERS, f.END_HEADERS | f.END_STREAM, sid, block)
         stream.headers_sent = True
         if not stream.out:
@@ -533,7 +553,9 @@ class H2Connection:
         if not self.unreturned or (self.unreturned < self.recv_window.size // 2 and self.recv_window.available > 0):
             return
         if self.held_input() >= self.recv_window.size:
+            self.input_stalled = True  # the application must let go of something, or nothing moves
             return
+        self.input_stalled = False
         increment = self.recv_window.consume(self.unreturned)
         self.unreturned = 0
         if increment:

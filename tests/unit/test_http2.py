@@ -4,6 +4,8 @@ Each limit is tested at the limit and one past it."""
 
 from __future__ import annotations
 
+import struct
+
 import hpack
 import pytest
 from hyperframe.frame import (
@@ -273,3 +275,46 @@ def test_blocked_output_holds_data_until_released():
     assert c.received() == [] and c.conn.held_output == 3
     c.conn.set_output_blocked(False)
     assert [f.data for f in c.received()] == [b"abc"]
+
+
+def test_settings_entries_at_the_cap_and_past_it_and_the_window_applied_once():
+    c = Client()
+    c.send(c.headers(1))
+    c.received()
+    entries = b"".join(struct.pack(">HL", fr.S_INITIAL_WINDOW_SIZE, 1000 + i) for i in range(32))
+    c.send(fr.frame(fr.SETTINGS, 0, 0, entries))
+    assert c.conn.closed is None and c.conn.streams[1].send_window == 1031  # the last value wins
+    c.send(fr.frame(fr.SETTINGS, 0, 0, entries + entries[:6]))
+    assert goaway_code(c.received()) == fr.ENHANCE_YOUR_CALM
+
+
+@pytest.mark.parametrize("sid,payload,code", [(0, b"\x00" * 5, fr.PROTOCOL_ERROR),
+                                              (1, b"\x00" * 4, fr.FRAME_SIZE_ERROR)])
+def test_bad_priority_frames_close_the_connection(sid, payload, code):
+    c = Client()
+    c.send(fr.frame(fr.PRIORITY, 0, sid, payload))
+    frames = c.received()
+    assert goaway_code(frames) == code and not [f for f in frames if isinstance(f, RstStreamFrame)]
+
+
+def test_a_block_that_changes_the_table_is_decoded_again_when_repeated():
+    """Reusing a cached decode for a block that inserts into the dynamic table would skip the
+    insertion, and the decoder's table would drift from the client's."""
+    c = Client()
+    enc = hpack.Encoder()
+    first = enc.encode(REQUEST_HEADERS + [("z", "9")])
+    c.send(HeadersFrame(1, first, flags=["END_HEADERS", "END_STREAM"]))
+    adds = b"\x40\x01a\x011"  # literal with incremental indexing: a: 1
+    for sid in (3, 5):
+        c.send(HeadersFrame(sid, enc.encode(REQUEST_HEADERS) + adds, flags=["END_HEADERS", "END_STREAM"]))
+    table = [(bytes(n), bytes(v)) for n, v in c.conn._table.dynamic_entries]
+    assert table[:2] == [(b"a", b"1"), (b"a", b"1")]  # both insertions happened, as in the client's table
+
+
+def test_headers_on_a_stream_already_closed_are_ignored_not_fatal():
+    c = Client()
+    c.send(c.headers(1, end_stream=True))
+    c.conn.send_response(1, fr.STATUS_200, b"r", fr.literal(b"grpc-status", b"0"))
+    c.received()
+    c.send(c.headers(1, end_stream=True))  # trailers (or a reuse) after the stream closed
+    assert c.conn.closed is None and c.conn.idle_frames == 1
