@@ -70,6 +70,15 @@ async def cancel_queued_grpc_call(server, model: str) -> None:
         assert model_stats(server, model)["fuserve_cancelled"] == before + 1  # before the connection closes
 
 
+def rss_bytes(pid: int) -> int:
+    """A process's resident memory in bytes (VmRSS from /proc)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -107,6 +116,9 @@ class FuserveProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def rss(self) -> int:
+        return rss_bytes(self.proc.pid)
 
     def request(self, method: str, path: str, body: bytes | None = None,
                 headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:

@@ -41,13 +41,6 @@ def unlimited_server(start_server, test_repo):
     return start_server(test_repo, "--grpc-max-idle-frames", "1000000000")
 
 
-def rss(server) -> int:
-    for line in open(f"/proc/{server.proc.pid}/status"):  # noqa: SIM115
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
-
-
 def frame(ftype: int, flags: int, sid: int, payload: bytes = b"") -> bytes:
     return fr.frame(ftype, flags, sid, payload)
 
@@ -167,11 +160,11 @@ def probe_calls(server, during: Callable[[], None]) -> list[float]:
 
 def check_attack(server, attack: Callable[[Attacker], object], *first: bytes) -> Attacker:
     """The three assertions every attack gets; returns the attacker's connection, still open."""
-    before = rss(server)
+    before = server.rss()
     attacker = Attacker(server, *first)
     result: dict[str, object] = {}
     times = probe_calls(server, lambda: result.setdefault("r", attack(attacker)))
-    grown = rss(server) - before  # the attacker's connection still open, its replies unread
+    grown = server.rss() - before  # the attacker's connection still open, its replies unread
     assert max(times) < PROMPT, f"another client waited {max(times):.2f} s during the attack"
     assert grown < RSS_BOUND, f"the server grew {grown / MiB:.0f} MiB"
     assert server.request("GET", "/v2/health/ready")[0] == 200

@@ -13,6 +13,7 @@ import time
 
 import model_builders as mb
 import pytest
+from conftest import rss_bytes
 
 BODY = json.dumps({"inputs": [
     {"name": "INPUT0", "datatype": "INT32", "shape": [1, 16], "data": list(range(16))},
@@ -21,12 +22,6 @@ INFER = b"POST /v2/models/add_sub/infer HTTP/1.1\r\nHost: x\r\nContent-Length: %
 READY = "/v2/health/ready"
 
 
-def rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
 
 
 def get(fields: list[tuple[bytes, bytes]], target: bytes = READY.encode()) -> bytes:
@@ -192,9 +187,9 @@ class _Prefixed:
 
 def _sample_peak(pid: int, until, peak: float) -> float:
     while not until():
-        peak = max(peak, rss_mib(pid))
+        peak = max(peak, rss_bytes(pid) / 2**20)
         time.sleep(0.02)
-    return max(peak, rss_mib(pid))
+    return max(peak, rss_bytes(pid) / 2**20)
 
 
 def test_pipelined_flood_from_a_client_that_never_reads(server):
@@ -204,7 +199,7 @@ def test_pipelined_flood_from_a_client_that_never_reads(server):
     for _ in range(100):  # warm: the path's allocations made before measuring
         assert server.request("POST", "/v2/models/add_sub/infer", BODY)[0] == 200
     flood = INFER * 40_000
-    before = rss_mib(pid)
+    before = rss_bytes(pid) / 2**20
     attacker = socket.socket()
     attacker.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)  # little room for answers in the kernel
     attacker.connect(("127.0.0.1", server.http_port))
@@ -256,7 +251,7 @@ def _after(seconds: float):
 def test_huge_headers_are_refused_with_bounded_memory(server, what, data, flag):
     pid = server.proc.pid
     timed_ready(server)
-    before = rss_mib(pid)
+    before = rss_bytes(pid) / 2**20
     done = threading.Event()
     result: dict = {}
 
