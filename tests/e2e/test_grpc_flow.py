@@ -157,3 +157,35 @@ def test_a_request_reset_in_the_read_that_opened_it_leaves_the_connection_servin
 def test_grpc_timeout_takes_ascii_digits_only():
     assert parse_timeout("5S") == 5.0 and parse_timeout("100m") == 0.1
     assert parse_timeout("\u00b2S") is None and parse_timeout("S") is None and parse_timeout("123456789S") is None
+
+
+def test_replies_completing_in_one_loop_turn_leave_in_one_write():
+    class CountingTransport:
+        def __init__(self, inner) -> None:
+            self.inner, self.writes = inner, 0
+
+        def write(self, data: bytes) -> None:
+            self.writes += b"grpc-status" in data  # writes that carry replies (not SETTINGS ACKs)
+            self.inner.write(data)
+
+        def __getattr__(self, name: str):
+            return getattr(self.inner, name)
+
+    async def main() -> None:
+        server, c = await _serve({"/s/U": Method(bytes, _ok)}, max_message=1 << 20)
+        c.w.write(fr.PREFACE + fr.frame(fr.SETTINGS, 0, 0))
+        assert await c.wait(lambda: bool(server.connections), 5.0)
+        protocol = next(iter(server.connections))
+        counting = protocol.transport = CountingTransport(protocol.transport)
+        sids = list(range(1, 17, 2))
+        c.w.write(b"".join(c.headers(s, "/s/U") + fr.frame(fr.DATA, fr.END_STREAM, s, struct.pack(">BL", 0, 1) + b"x")
+                           for s in sids))  # eight calls in one read
+        assert await c.wait(lambda: len(c.ended) == len(sids), 10.0)
+        assert counting.writes == 1  # not one per reply
+        c.w.write(c.headers(17, "/s/U") + fr.frame(fr.DATA, fr.END_STREAM, 17, struct.pack(">BL", 0, 1) + b"x"))
+        assert await c.wait(lambda: 17 in c.ended, 10.0)  # a lone call is answered at once
+        assert counting.writes == 2
+        c.close()
+        await server.stop(0.1)
+
+    asyncio.run(asyncio.wait_for(main(), 30))

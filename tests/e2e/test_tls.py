@@ -608,7 +608,13 @@ def test_uvloop_grpc_tls_backpressure_and_24mb_both_ways(monkeypatch, certs):
     parse_more = Counter(monkeypatch, GrpcProtocol, "_parse_more")
     reply_8mb = _Raw(np.random.default_rng(2).bytes(8 << 20))
 
+    # The replies complete at different times, so they leave in separate writes: uvloop's SSL
+    # transport encrypts one write whole into the socket's transport and pauses its writer only when
+    # a later write finds that transport full.
+    delays = iter([0.0, 0.1, 0.2, 0.3])
+
     async def big(request: bytes, ctx) -> _Raw:
+        await asyncio.sleep(next(delays, 0.0))
         return reply_8mb
 
     async def echo(request: bytes, ctx) -> _Raw:
