@@ -6,7 +6,8 @@ gRPC's part: message framing, gzip/deflate, the message size limit (RESOURCE_EXH
 (unary and bidirectional streaming), one task per call, `grpc-timeout` deadlines
 (DEADLINE_EXCEEDED), and the access check (`authorize`) before any method runs. RST_STREAM, a
 deadline or a dropped connection cancel the call's tasks, which drops queued work. A unary call
-is answered with one write: pre-encoded headers, the message and trailers.
+is answered with one buffer (pre-encoded headers, the message and trailers), and the replies of calls
+that complete in the same loop turn leave in one write.
 
 Backpressure: reading stops while the socket's write buffer is above its high-water mark
 (`pause_writing`), and while input is left over from the HTTP/2 core's per-turn frame budget (the
