@@ -113,6 +113,10 @@ class Call:
         # starts while the connection holds more replies than it may (their bytes count as held input)
         self.backlog: deque[bytes] = deque()
 
+    def held(self) -> int:
+        """Input bytes this call holds: a partial message, a unary request not started, waiting messages."""
+        return len(self.buf) + len(self.request or b"") + sum(map(len, self.backlog))
+
 
 class GrpcProtocol(asyncio.Protocol):
     def __init__(self, server: GrpcServer) -> None:
@@ -241,16 +245,13 @@ class GrpcProtocol(asyncio.Protocol):
         self.conn.send_trailers(sid, _REPLY_HEADERS + status_block(code, message))
 
     def _held_input(self) -> int:
-        return sum(len(c.buf) + len(c.request or b"") + sum(map(len, c.backlog)) for c in self.calls.values())
+        return sum(map(Call.held, self.calls.values()))
 
     def _unstall(self) -> None:
         """Every stream's message is partial and together they fill the connection window: no stream
         can finish, so the call holding the most ends (RESOURCE_EXHAUSTED) and the window moves again."""
-        def held(c: Call) -> int:
-            return len(c.buf) + len(c.request or b"") + sum(map(len, c.backlog))
-
-        victim = max(self.calls.values(), key=held, default=None)
-        if victim is not None and held(victim):
+        victim = max(self.calls.values(), key=Call.held, default=None)
+        if victim is not None and victim.held():
             self._end(victim, RESOURCE_EXHAUSTED, "the connection's partial messages fill its flow-control window "
                       f"({self.conn.recv_window.size} bytes); this call held the most")
 

@@ -234,19 +234,28 @@ def test_the_context_is_tls12_or_later_with_alpn(certs):
 # ---- gRPC over TLS ----------------------------------------------------------------------------------
 
 
-def test_grpc_tls_infer(tls_server, certs):
-    client = grpc_client(tls_server, certs)
+# protocol -> (tritonclient module, client factory, port attribute, the ALPN protocol it must negotiate)
+PROTOCOLS = {"grpc": (grpcclient, grpc_client, "grpc_port", "h2"),
+             "http": (httpclient, http_client, "http_port", "http/1.1")}
+
+
+@pytest.mark.parametrize("protocol", list(PROTOCOLS))
+def test_tls_infer(tls_server, certs, protocol):
+    module, make_client, _, _ = PROTOCOLS[protocol]
+    client = make_client(tls_server, certs)
     try:
-        assert client.is_server_ready(client_timeout=30)
+        assert client.is_server_ready()
         for k in range(3):
-            add_sub(grpcclient, client, k)
+            add_sub(module, client, k)
     finally:
         client.close()
 
 
-def test_grpc_tls_negotiates_h2_with_alpn(tls_server, certs):
-    proto, version = handshake(tls_server.grpc_port, certs.client_context(alpn=["h2", "http/1.1"]))
-    assert proto == "h2"
+@pytest.mark.parametrize("protocol", list(PROTOCOLS))
+def test_tls_negotiates_its_protocol_with_alpn(tls_server, certs, protocol):
+    _, _, port, expected = PROTOCOLS[protocol]
+    proto, version = handshake(getattr(tls_server, port), certs.client_context(alpn=["h2", "http/1.1"]))
+    assert proto == expected
     assert version in ("TLSv1.2", "TLSv1.3")
 
 
@@ -317,22 +326,6 @@ def test_grpc_mutual_tls_refuses_other_clients(mutual_server, certs, with_cert):
 
 
 # ---- HTTPS ----------------------------------------------------------------------------------------
-
-
-def test_https_infer(tls_server, certs):
-    client = http_client(tls_server, certs)
-    try:
-        assert client.is_server_ready()
-        for k in range(3):
-            add_sub(httpclient, client, k)
-    finally:
-        client.close()
-
-
-def test_https_negotiates_http11_with_alpn(tls_server, certs):
-    proto, version = handshake(tls_server.http_port, certs.client_context(alpn=["h2", "http/1.1"]))
-    assert proto == "http/1.1"
-    assert version in ("TLSv1.2", "TLSv1.3")
 
 
 def test_http_plaintext_client_fails(tls_server, certs):

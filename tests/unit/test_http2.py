@@ -318,3 +318,17 @@ def test_headers_on_a_stream_already_closed_are_ignored_not_fatal():
     c.received()
     c.send(c.headers(1, end_stream=True))  # trailers (or a reuse) after the stream closed
     assert c.conn.closed is None and c.conn.idle_frames == 1
+
+
+def test_an_hpack_bomb_is_refused_past_twice_the_block_limit():
+    """A small block that decodes to a large header list (one big indexed entry, referenced many
+    times) fails on the decoded size: at most twice the block limit."""
+    limits = Limits(max_header_block=1024)
+    c = Client(limits)
+    entry = b"\x40" + fr.hpack_int(1, 7) + b"x" + fr.hpack_int(700, 7) + b"v" * 700  # x: v*700, indexed as 62
+    c.send(HeadersFrame(1, c.encoder.encode(REQUEST_HEADERS) + entry, flags=["END_HEADERS", "END_STREAM"]))
+    assert c.conn.closed is None  # one copy: within the limit
+    c.send(HeadersFrame(3, b"\xbe" * 2, flags=["END_HEADERS", "END_STREAM"]))  # index 62 twice: ~1.5 KiB
+    assert c.conn.closed is None
+    c.send(HeadersFrame(5, b"\xbe" * 40, flags=["END_HEADERS", "END_STREAM"]))  # forty times: ~29 KiB
+    assert goaway_code(c.received()) == fr.COMPRESSION_ERROR
