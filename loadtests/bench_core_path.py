@@ -23,7 +23,7 @@ from pathlib import Path
 import uvloop
 from bench_batching import build_repo
 
-from server.frontends.http_server import HttpRequest
+from server.frontends.http_messages import HttpRequest
 from server.frontends.rest import RestFrontend
 from server.repository import Repository
 from server.service import InferenceService

@@ -27,7 +27,7 @@ from typing import Any
 from . import ipc
 from .context import CallContext
 from .frontends.grpc_server import Method
-from .frontends.http_server import HttpLimits, HttpRequest, HttpResponse
+from .frontends.http_messages import HttpLimits, HttpRequest, HttpResponse
 from .http2.connection import Limits as H2Limits
 from .service import InferenceService
 from .types import InferResponse

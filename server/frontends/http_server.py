@@ -7,17 +7,7 @@ count and header bytes, a header-read timeout, a keep-alive idle timeout, and ba
 client that does not read its answers stops being read). What a request means is the handler's
 business (`frontends/rest.py`): it gets a complete `HttpRequest` and returns an `HttpResponse`.
 
-Header limits. llhttp keeps no limit of its own, and httptools joins the pieces of a header line
-split over several reads with `bytes +=` (quadratic in the number of pieces), so a limit checked
-only when a line is complete comes too late. While a request's header is arriving over several
-reads, the reads are held here and the parser is fed only whole lines (up to the last b"\\n",
-joined once); the length of the line in progress and the header bytes held are counted as they
-arrive, and a limit crossed is answered at once (414 or 431, then close). A read that starts
-between requests is fed whole, as before: the hot path (a small request in one read) costs a few
-attribute updates. Lines complete within one read are checked in the callbacks, exactly, when the
-read is longer than the smallest limit (a shorter read cannot break a byte limit). While a line
-arrives, its raw bytes count (": " and CR allowed for), so one padded with extra whitespace may be
-cut a few bytes before its name + value reach the limit.
+Header limits: `http_header_limits.py`. Requests, answers and limits: `http_messages.py`.
 
 Timeouts. One sweep per server (`HttpServer._sweep`, at most every second) looks at every
 connection: its progress mark is the request it is reading or last read (each request gets a new
@@ -39,69 +29,31 @@ import asyncio
 import contextlib
 import logging
 import socket
-import time
 import zlib
 from collections import deque
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from email.utils import formatdate
-from http import HTTPStatus
 from ssl import SSLContext
 from typing import cast
 
 import httptools
 
-from ..context import CallContext
+from .http_header_limits import _DISCARD, _REQUEST_LINE_OVERHEAD, HeaderLimits, _Refusal, _requests_begun
+from .http_messages import (
+    CONTINUE,
+    STATUS_LINES,
+    Clock,
+    ErrorBody,
+    Handler,
+    HttpLimits,
+    HttpRequest,
+    HttpResponse,
+    decompress,
+)
+
+__all__ = ["ErrorBody", "Handler", "HttpLimits", "HttpProtocol", "HttpRequest", "HttpResponse", "HttpServer"]
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(slots=True)
-class HttpRequest:
-    method: str
-    path: str  # percent-encoded, as received
-    headers: dict[str, str]  # lower-case names
-    body: bytes
-    # Set when the request could not be read whole (too large, bad encoding, a header limit, a
-    # timeout): the transport answers it with `error_status` and `{"error": error}`, in its turn.
-    error: str = ""
-    error_status: int = 400
-    peer: str = ""  # the client's "host:port", "" when unknown
-
-    def context(self) -> CallContext:
-        return CallContext("http", self.headers, self.peer)
-
-
-@dataclass(slots=True)
-class HttpResponse:
-    status: int
-    body: bytes
-    content_type: bytes = b"application/json"
-    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
-
-
-@dataclass(frozen=True, slots=True)
-class HttpLimits:
-    """What one client may cost the transport (the --http-* flags; defaults as nginx's and Triton's)."""
-
-    max_request_line: int = 8 * 1024  # method, target and version, bytes: past it 414 and close
-    max_header_line: int = 8 * 1024  # one header field's name + value, bytes: past it 431 and close
-    max_headers: int = 100  # header fields in one request: past it 431 and close
-    max_header_bytes: int = 64 * 1024  # all header fields' names + values together: past it 431
-    header_timeout: float = 60.0  # secs from a request's first byte to its last header: 408; 0: none
-    keepalive_timeout: float = 75.0  # secs an idle connection is kept open; 0: no limit
-
-    def to_dict(self) -> dict[str, float]:
-        """For a frontend worker's arguments (JSON); HttpLimits(**d) reads it back."""
-        return {f: getattr(self, f) for f in self.__dataclass_fields__}
-
-
-Handler = Callable[[HttpRequest], Awaitable[HttpResponse]]
-ErrorBody = Callable[[str], bytes]
-
-# Status lines, built once.
-_STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in HTTPStatus}
-_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _MAX_PIPELINED = 64  # requests queued on one connection before we stop reading from it
 # The transport's write buffer: above HIGH we stop answering and reading until it drains to LOW.
 # asyncio's and uvloop's default is 64 KiB / 16 KiB; set here so the bound does not depend on the
@@ -115,75 +67,18 @@ _WRITE_LOW = 64 * 1024
 _PAUSE_QUEUE = 1  # too many pipelined requests queued
 _PAUSE_WRITE = 2  # the client is not reading our answers
 _LINGER_SECS = 2.0  # after an error answer, how long the client's further bytes are read and dropped
-_DISCARD: list[bytes] = []  # HttpProtocol._held when input is dropped (a refusal was queued)
 _LINGERING = object()  # the sweep's progress mark for a connection closing after an error answer
-# "GET" is the shortest method, "HTTP/1.1" the version: a target shorter than this fits any limit
-_REQUEST_LINE_OVERHEAD = len("GET") + len("  HTTP/1.1")
 
 
-class _Refusal(Exception):
-    """Raised in a parser callback to stop the parser: answer `status` and close."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
-class _Begun:
-    """Counts the requests that begin in some bytes (a throwaway parser's protocol)."""
-
-    def __init__(self) -> None:
-        self.count = 0
-
-    def on_message_begin(self) -> None:
-        self.count += 1
-
-
-def _requests_begun(data: bytes) -> int:
-    """How many requests begin in `data`, read from the start of a request. Off the hot path: only
-    when a read ends inside a header, to know whether that header began with the read."""
-    counter = _Begun()
-    with contextlib.suppress(httptools.HttpParserError, httptools.HttpParserUpgrade):
-        httptools.HttpRequestParser(counter).feed_data(data)
-    return counter.count
-
-
-class _Clock:
-    """The Date header, refreshed at most once a second rather than formatted per response."""
-
-    def __init__(self) -> None:
-        self._second = 0
-        self._header = b""
-
-    def date_header(self) -> bytes:
-        now = int(time.time())
-        if now != self._second:
-            self._second = now
-            self._header = b"date: " + formatdate(now, usegmt=True).encode() + b"\r\n"
-        return self._header
-
-
-def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
-    wbits = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}.get(encoding)
-    if wbits is None:
-        raise ValueError(f"unsupported Content-Encoding '{encoding}' (gzip and deflate are)")
-    d = zlib.decompressobj(wbits)
-    out = d.decompress(body, limit + 1)
-    if len(out) > limit:
-        raise ValueError(f"the decompressed request body exceeds the {limit}-byte limit")
-    return out
-
-
-class HttpProtocol(asyncio.Protocol):
+class HttpProtocol(HeaderLimits, asyncio.Protocol):
     # slots: attribute access is the hot path's main cost; with this many attributes an instance
     # dict cost ~4% more instructions per request (callgrind, loadtests-style canned handler)
     __slots__ = ("server", "loop", "transport", "parser", "queue", "busy", "closing", "peer", "_task",
-                 "_max_headers", "_small", "_paused", "_write_paused", "_head", "_precise", "_held", "_held_size",
-                 "_line", "_fed", "_in_request_line", "_hsum", "_lingering", "_swept", "_swept_at",
+                 "_max_headers", "_small", "_paused", "_write_paused", "_head", "_lingering", "_swept", "_swept_at",
                  "_url", "_headers", "_body", "_size", "_error", "_nheaders")
 
     def __init__(self, server: HttpServer) -> None:
+        super().__init__()
         self.server = server
         # protocols exist only once the server has started, so its loop is known
         self.loop = cast(asyncio.AbstractEventLoop, server.loop)
@@ -201,16 +96,6 @@ class HttpProtocol(asyncio.Protocol):
         self._write_paused = False  # the _PAUSE_WRITE bit, as a bool for the hot path
         # True: reading a request's header; False: its body; None: between requests
         self._head: bool | None = None
-        self._precise = False  # check every header line's bytes in the callbacks (a long read)
-        # While a request's header spans reads: the reads not yet fed to the parser (None: feeding
-        # reads as they come; _DISCARD: dropping them), their size, the length of the line in
-        # progress (held, plus any part the parser has) and the header bytes the parser has seen.
-        self._held: list[bytes] | None = None
-        self._held_size = 0
-        self._line = 0
-        self._fed = 0
-        self._in_request_line = False
-        self._hsum = 0  # header names + values so far, counted in the callbacks in precise mode
         self._lingering = False
         self._swept: object = None  # the progress mark the sweep saw last, and when it first saw it
         self._swept_at = 0.0
@@ -266,121 +151,6 @@ class HttpProtocol(asyncio.Protocol):
         if self._head:  # the read ended inside a header: hold what follows until lines are whole
             self._start_holding(data, idle and _requests_begun(data) == 1)
 
-    # ---- header limits while a header spans reads ---------------------------------------------------
-
-    def _start_holding(self, data: bytes, began_with_data: bool) -> None:
-        self._held = []
-        self._held_size = 0
-        self._precise = True
-        nl = data.rfind(b"\n")
-        if began_with_data:
-            # the request began with this read: the parser has all of `data` of it
-            self._fed = len(data)
-            self._line = len(data) - nl - 1
-            self._in_request_line = nl < 0
-            self._hsum = sum(len(k) + len(v) for k, v in self._headers.items())
-        else:
-            # it began after an earlier request in this read (pipelined): find where, by its request
-            # line (method, space and the target so far, as the parser reported them)
-            self._hsum = sum(len(k) + len(v) for k, v in self._headers.items())
-            start = data.rfind(self.parser.get_method() + b" " + self._url) if self._url else -1
-            if start < 0:  # still in the method: a few bytes, counted as none
-                self._fed = self._line = 0
-                self._in_request_line = True
-            else:
-                self._fed = len(data) - start
-                self._in_request_line = data.find(b"\n", start) < 0
-                self._line = len(data) - start if self._in_request_line else len(data) - nl - 1
-        self._check_progress()
-
-    def _hold(self, data: bytes) -> None:
-        held = self._held
-        if held is _DISCARD or held is None:
-            return
-        fresh = self._line == self._held_size  # the parser holds no part of the line in progress
-        held.append(data)
-        self._held_size += len(data)
-        nl = data.rfind(b"\n")
-        if nl < 0:
-            self._line += len(data)
-            self._check_progress()
-            return
-        if self._in_request_line:  # the request line ends here: its length, without CRLF
-            size = self._line + data.find(b"\n") - 1
-            if size > self.server.limits.max_request_line:
-                self._refuse(414, self._request_line_message(size))
-                return
-        buf = b"".join(held) if len(held) > 1 else data
-        cut = len(buf) - (len(data) - nl - 1)  # feed every whole line, keep the line in progress
-        # where the header ends (its empty line), if it is in what we feed: bytes past it are body
-        if fresh and buf.startswith(b"\r\n"):
-            end = 2
-        else:
-            end = buf.find(b"\n\r\n", 0, cut)
-            end = end + 3 if end >= 0 else len(buf)
-        if self._fed + end > self.server.raw_header_bytes:
-            self._refuse(431, self._header_bytes_message())
-            return
-        headers = self._headers  # a new request gets a new dict
-        try:
-            self.parser.feed_data(memoryview(buf)[:cut])
-        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
-            self._parser_failed(exc)
-            return
-        rest = buf[cut:]
-        if self._head:  # still in a header (this request's, or a pipelined one's begun in `buf`)
-            if self._headers is headers:
-                self._fed += cut
-            else:  # a request began inside what we fed: its whole lines went through the callbacks
-                self._hsum = sum(len(k) + len(v) for k, v in self._headers.items())
-                self._fed = self._hsum + len(self._url)
-            self._held = [rest] if rest else []
-            self._held_size = self._line = len(rest)
-            self._in_request_line = False
-            self._check_progress()
-        else:  # the header is complete: what follows is body, or more requests, fed as it comes
-            self._held = None
-            if rest:
-                self.data_received(rest)
-
-    def _check_progress(self) -> None:
-        """Refuse once the line in progress, or the header so far, is past a limit."""
-        limits = self.server.limits
-        if self._in_request_line:
-            if self._line > limits.max_request_line + 1:  # + 1: the line's CR may be in
-                self._refuse(414, self._request_line_message(self._line))
-                return
-        elif self._line > limits.max_header_line + 3:  # + 3: ": " and CR
-            self._refuse(431, f"a request header line exceeds the {limits.max_header_line}-byte limit "
-                              f"(--http-max-header-line)")
-            return
-        if self._fed + self._held_size > self.server.raw_header_bytes:
-            self._refuse(431, self._header_bytes_message())
-
-    def _request_line_message(self, size: int | None = None) -> str:
-        limit = self.server.limits.max_request_line
-        what = f"of {size} bytes " if size is not None else ""
-        return f"the request line {what}exceeds the {limit}-byte limit (--http-max-request-line)"
-
-    def _header_bytes_message(self) -> str:
-        return (f"the request headers exceed the {self.server.limits.max_header_bytes}-byte limit "
-                f"(--http-max-header-bytes)")
-
-    def _check_header(self, name: bytes, value: bytes) -> None:
-        """A whole header line, in precise mode or past the count: raise _Refusal past a limit."""
-        limits = self.server.limits
-        if self._nheaders > limits.max_headers:
-            raise _Refusal(431, f"more than {limits.max_headers} request header fields (--http-max-headers)")
-        size = len(name) + len(value)
-        if size > limits.max_header_line:
-            raise _Refusal(431, f"request header line '{name.decode('latin-1')[:64]}' of {size} bytes exceeds "
-                                f"the {limits.max_header_line}-byte limit (--http-max-header-line)")
-        if self._nheaders == 1:
-            self._hsum = 0
-        self._hsum += size
-        if self._hsum > limits.max_header_bytes:
-            raise _Refusal(431, self._header_bytes_message())
-
     # ---- httptools callbacks --------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
@@ -410,7 +180,7 @@ class HttpProtocol(asyncio.Protocol):
             return
         expect = headers.get("expect")
         if expect is not None and expect.lower() == "100-continue" and self.transport is not None:
-            self.transport.write(_CONTINUE)
+            self.transport.write(CONTINUE)
 
     def on_body(self, body: bytes) -> None:
         if self._error:
@@ -437,7 +207,7 @@ class HttpProtocol(asyncio.Protocol):
         encoding = self._headers.get("content-encoding")
         if encoding is not None and body and (encoding := encoding.lower()) != "identity":
             try:
-                body = _decompress(body, encoding, self.server.max_body)
+                body = decompress(body, encoding, self.server.max_body)
             except (ValueError, zlib.error) as exc:
                 error = f"cannot decode the request body: {exc}"
         # the path without query or fragment, still percent-encoded: the router splits, then unquotes
@@ -523,7 +293,7 @@ class HttpProtocol(asyncio.Protocol):
     def _write(self, response: HttpResponse, keep_alive: bool) -> None:
         if self.transport is None:
             return
-        status = _STATUS_LINES.get(response.status) or f"HTTP/1.1 {response.status} Unknown\r\n".encode()
+        status = STATUS_LINES.get(response.status) or f"HTTP/1.1 {response.status} Unknown\r\n".encode()
         body = response.body
         if keep_alive and not response.headers and len(body) < 65536:  # the usual answer: one format
             self.transport.write(b"%s%scontent-type: %s\r\ncontent-length: %d\r\n\r\n%s" % (
@@ -620,7 +390,7 @@ class HttpServer:
         # over the names + values limit whatever its layout: a bound on what is held while it arrives
         self.raw_header_bytes = (limits.max_header_bytes + limits.max_request_line + 4
                                  + limits.max_headers * 4)
-        self.clock = _Clock()
+        self.clock = Clock()
         self.connections: set[HttpProtocol] = set()
         self._server: asyncio.Server | None = None
         self._sweeper: asyncio.Task | None = None

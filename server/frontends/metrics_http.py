@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..metrics import CONTENT_TYPE, ServerMetrics
-from .http_server import HttpRequest, HttpResponse
+from .http_messages import HttpRequest, HttpResponse
 from .rest import error_body
 
 

@@ -23,7 +23,7 @@ from ..errors import InvalidArgument, NotFound, ServerError, as_server_error
 from ..model_config import config_to_json
 from ..service import InferenceService
 from ..types import InferRequest, InferResponse
-from .http_server import HttpRequest, HttpResponse
+from .http_messages import HttpRequest, HttpResponse
 
 log = logging.getLogger(__name__)
 

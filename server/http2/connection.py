@@ -14,7 +14,7 @@ Limits (docs/security.md has the threat model; each is a `Limits` field with its
   window exceed `max_held_reply_bytes`: both answered with RST_STREAM REFUSED_STREAM;
 - a header block (HEADERS alone or with its CONTINUATIONs) of at most `max_header_block` bytes,
   opened by at most two dynamic-table size updates (RFC 7541 §4.2); decoded blocks are cached for
-  reuse within `header_cache_bytes`;
+  reuse within `header_cache_bytes` (both in `headers.py`);
 - frames that ask for no work (empty DATA or CONTINUATION, PRIORITY, SETTINGS, PING, a
   WINDOW_UPDATE that unblocks nothing, RST_STREAM or DATA on a stream already closed) are counted;
   a frame that does work (opens a stream, carries data, ends a stream) clears the count. Past
@@ -36,13 +36,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
-import hpack
-import hpack.table
-
 from ..framing import Reassembly
 from . import frames as f
 from . import stream as st
-from .stream import Stream, StreamError
+from .headers import HeaderDecoder
+from .stream import ConnectionError, Stream, StreamError
 from .windows import ReceiveWindow
 
 REQUEST, DATA_RECEIVED, STREAM_ENDED, STREAM_RESET = range(4)
@@ -61,29 +59,6 @@ class Limits:
     max_frame_size: int = 1 << 20  # what we accept (SETTINGS_MAX_FRAME_SIZE)
     stream_window: int = 4 << 20  # what a client may send ahead of us on one stream
     connection_window: int = 16 << 20  # and on the whole connection
-
-
-class ConnectionError(Exception):  # noqa: A001 (HTTP/2's term; shadows the builtin only here)
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-class _VersionedTable(hpack.table.HeaderTable):
-    """The decoder's dynamic table, counting every change so decoded blocks can be reused safely."""
-
-    generation = 0
-
-    def add(self, name: bytes, value: bytes) -> None:
-        self.generation += 1
-        super().add(name, value)
-
-    def _set_maxsize(self, newmax: int) -> None:
-        self.generation += 1
-        hpack.table.HeaderTable.maxsize.fset(self, newmax)  # type: ignore[attr-defined]
-
-    maxsize = property(hpack.table.HeaderTable.maxsize.fget, _set_maxsize)  # type: ignore[attr-defined]
 
 
 class H2Connection:
@@ -113,11 +88,7 @@ class H2Connection:
         self.output: list[bytes | memoryview] = []  # what to send, in order: data_to_send() takes it
         self._ready: list[Stream] = []  # streams whose window opened during this read
         self._events: list[Event] = []
-        # decoded headers may take twice the block's bytes (HPACK indexes and compresses): more is a bomb
-        self._decoder = hpack.Decoder(max_header_list_size=2 * limits.max_header_block)
-        self._table = self._decoder.header_table = _VersionedTable()
-        self._header_cache: dict[bytes, tuple[int, dict[str, str]]] = {}
-        self._header_cache_bytes = 0
+        self.header_decoder = HeaderDecoder(limits.max_header_block, limits.header_cache_bytes)
         self._pending_block: tuple[int, int, bytearray] | None = None  # sid, flags, fragments so far
         self._dispatch: dict[int, Callable[[int, int, memoryview | bytes], None]] = {
             f.DATA: self._data, f.HEADERS: self._headers, f.PRIORITY: self._priority,
@@ -283,33 +254,8 @@ class H2Connection:
         elif not payload:
             self._idle()
 
-    def _decode_headers(self, block: bytes) -> dict[str, str]:
-        table = self._table
-        generation = table.generation
-        if f.leading_size_updates(block) > 2:
-            raise ConnectionError(f.COMPRESSION_ERROR, "more than two dynamic table size updates open the block")
-        try:
-            headers = cast(dict[str, str], dict(self._decoder.decode(block)))
-        except hpack.HPACKError as exc:
-            raise ConnectionError(f.COMPRESSION_ERROR, f"cannot decode header block: {exc}") from None
-        if table.generation != generation:
-            return headers  # the block changed the table: sent again, it must be decoded again
-        cost = 2 * len(block) + sum(len(k) + len(v) for k, v in headers.items())
-        if self._header_cache_bytes + cost > self.limits.header_cache_bytes:
-            self._header_cache.clear()
-            self._header_cache_bytes = 0
-        if cost <= self.limits.header_cache_bytes:
-            self._header_cache[block] = (table.generation, headers)
-            self._header_cache_bytes += cost
-        return headers
-
     def _header_block(self, sid: int, flags: int, block: bytes) -> None:
-        # always decoded (or reused): the decoder's table must follow the peer's
-        cached = self._header_cache.get(block)
-        if cached is not None and cached[0] == self._table.generation:
-            headers = cached[1]
-        else:
-            headers = self._decode_headers(block)
+        headers = self.header_decoder.decode(block)
         end = bool(flags & f.END_STREAM)
         stream = self.streams.get(sid)
         if stream is not None:  # trailers from the client: they must end the stream

@@ -44,6 +44,15 @@ for _state in (OPEN, HALF_CLOSED_REMOTE, HALF_CLOSED_LOCAL, CLOSED):  # a reset,
 _TABLE = {state * 16 + event: nxt for (state, event), nxt in TRANSITIONS.items()}
 
 
+class ConnectionError(Exception):  # noqa: A001 (HTTP/2's term; shadows the builtin only here)
+    """The peer broke the rules for the connection: GOAWAY with `code`, then close."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
 class StreamError(Exception):
     """The peer broke the rules for one stream: it is reset with `code`, the connection goes on."""
 

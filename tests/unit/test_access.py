@@ -15,7 +15,7 @@ from server.__main__ import build_parser, config_from_args
 from server._proto import grpc_service_pb2 as pb
 from server.context import CallContext
 from server.errors import PermissionDenied
-from server.frontends.http_server import HttpRequest, HttpResponse
+from server.frontends.http_messages import HttpRequest, HttpResponse
 from server.frontends.rest import ROUTES, Route, Router
 
 SECRET = "s3cr3t-Zq9:with=signs"  # a value holding ':' and '=' (Triton keeps everything after the first '=')

@@ -222,7 +222,7 @@ def test_the_decoded_header_cache_is_bounded_in_bytes():
     for i in range(200):
         c.send(c.headers(2 * i + 1, end_stream=True, extra=[("x-id", f"{i:08d}" * 8)]))
         c.conn.reset_stream(2 * i + 1, fr.CANCEL)
-        assert c.conn._header_cache_bytes <= 4096
+        assert c.conn.header_decoder.cache_bytes <= 4096
 
 
 def test_window_overflow_resets_the_stream_or_closes_the_connection():
@@ -307,7 +307,7 @@ def test_a_block_that_changes_the_table_is_decoded_again_when_repeated():
     adds = b"\x40\x01a\x011"  # literal with incremental indexing: a: 1
     for sid in (3, 5):
         c.send(HeadersFrame(sid, enc.encode(REQUEST_HEADERS) + adds, flags=["END_HEADERS", "END_STREAM"]))
-    table = [(bytes(n), bytes(v)) for n, v in c.conn._table.dynamic_entries]
+    table = [(bytes(n), bytes(v)) for n, v in c.conn.header_decoder.table.dynamic_entries]
     assert table[:2] == [(b"a", b"1"), (b"a", b"1")]  # both insertions happened, as in the client's table
 
 
