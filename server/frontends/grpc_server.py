@@ -86,18 +86,30 @@ class Method:
     parse: Callable[[bytes], Any]
     call: Callable[[Any, CallContext], Awaitable[Any]]
     streaming: bool = False
+    # Unary only, optional: the same call without a task. `start(request, ctx, reply)` begins it
+    # (raising what `call` would raise before it waits) and returns the function that cancels it;
+    # `reply(message, None)` or `reply(None, error)` answers it later, from the event loop. A task and
+    # its coroutines cost more than the rest of a canned call's framing (see ModelInfer).
+    start: Start | None = None
 
 
+Reply = Callable[[Any, BaseException | None], None]
+Start = Callable[[Any, CallContext, Reply], Callable[[], None]]
 ErrorStatus = Callable[[BaseException], tuple[int, str]]
 # Called with the method's path and the call's context when a stream opens, before anything runs;
 # raising (a ServerError) ends the call with that error's status. The access check sits here.
 Authorize = Callable[[str, CallContext], None]
 
 
+_NO_TASKS: set[asyncio.Task] = set()  # shared, always empty: see Call.tasks
+_NO_BACKLOG: deque[bytes] = deque(maxlen=0)  # shared, always empty: a unary call's backlog
+
+
 class Call:
     """One gRPC call (one HTTP/2 stream) as this layer sees it."""
 
-    __slots__ = ("sid", "method", "ctx", "encoding", "buf", "request", "tasks", "deadline", "done", "backlog")
+    __slots__ = ("sid", "method", "ctx", "encoding", "buf", "request", "tasks", "deadline", "done", "backlog",
+                 "cancel")
 
     def __init__(self, sid: int, method: Method, ctx: CallContext, encoding: str) -> None:
         self.sid = sid
@@ -106,12 +118,15 @@ class Call:
         self.encoding = encoding
         self.buf = bytearray()  # a message not yet whole
         self.request: bytes | None = None  # a unary call's message, held until the client half-closes
-        self.tasks: set[asyncio.Task] = set()  # a task leaves this set itself, as it finishes
+        # a task leaves this set itself, as it finishes; a unary call begun by Method.start has no
+        # task and shares one empty set, never added to (an allocation fewer per call)
+        self.tasks: set[asyncio.Task] = set() if method.streaming or method.start is None else _NO_TASKS
         self.deadline: asyncio.TimerHandle | None = None
         self.done = False  # trailers queued (or the stream reset): nothing more is sent
         # a streaming call's messages waiting for a task: at most _STREAM_TASKS run at once, and none
         # starts while the connection holds more replies than it may (their bytes count as held input)
-        self.backlog: deque[bytes] = deque()
+        self.backlog: deque[bytes] = deque() if method.streaming else _NO_BACKLOG
+        self.cancel: Callable[[], None] | None = None  # a unary call begun by Method.start, not answered yet
 
     def held(self) -> int:
         """Input bytes this call holds: a partial message, a unary request not started, waiting messages."""
@@ -306,7 +321,10 @@ class GrpcProtocol(asyncio.Protocol):
         if call.request is None:
             return self._end(call, INTERNAL, "a unary call needs one request message; none was sent")
         message, call.request = call.request, None
-        call.tasks.add(self.loop.create_task(self._unary_call(call, message)))
+        if call.method.start is not None:
+            self._start_unary(call, message)
+        else:
+            call.tasks.add(self.loop.create_task(self._unary_call(call, message)))
         if self.conn.input_stalled:
             self.conn.release_input()
 
@@ -322,6 +340,26 @@ class GrpcProtocol(asyncio.Protocol):
             return self._end(call, *self._status_of(exc))
         # (this task stays in call.tasks: _close_call spares the current task, and the call goes)
         self._reply(call, body, end=True)
+
+    def _start_unary(self, call: Call, message: bytes) -> None:
+        """A unary call through `Method.start`: no task; `_drop` and `_expire` cancel it by `call.cancel`."""
+        def reply(answer: Any, exc: BaseException | None) -> None:
+            call.cancel = None
+            if call.done:
+                return
+            if exc is None:
+                try:
+                    body = answer.SerializeToString()
+                except Exception as err:
+                    exc = err
+                else:
+                    return self._reply(call, body, end=True)
+            self._end(call, *self._status_of(exc))
+
+        try:
+            call.cancel = cast(Start, call.method.start)(_parse(call.method, message), call.ctx, reply)
+        except Exception as exc:
+            self._end(call, *self._status_of(exc))
 
     def _start_streamed(self, call: Call) -> None:
         """Start tasks for a streaming call's waiting messages, as far as its limits allow."""
@@ -414,10 +452,14 @@ class GrpcProtocol(asyncio.Protocol):
         if call.deadline is not None:
             call.deadline.cancel()
             call.deadline = None
+        if call.cancel is not None:
+            cancel, call.cancel = call.cancel, None
+            cancel()
         held = bool(call.buf or call.request or call.backlog)
         call.buf = bytearray()
         call.request = None
-        call.backlog.clear()
+        if call.backlog:
+            call.backlog.clear()
         self.backlogged.discard(call)
         self.calls.pop(call.sid, None)
         if held:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 from google.protobuf import json_format
 
@@ -24,7 +24,7 @@ from ..context import CallContext
 from ..errors import ServerError, Unsupported, as_server_error
 from ..service import InferenceService
 from ..types import InferRequest, InferResponse
-from .grpc_server import Method
+from .grpc_server import Method, Reply
 
 log = logging.getLogger(__name__)
 
@@ -42,23 +42,41 @@ def error_status(exc: BaseException) -> tuple[int, str]:
 
 
 Infer = Callable[[InferRequest], Awaitable[InferResponse]]
+# InferenceService.submit: queue now, answer by callback, return the cancel function
+Submit = Callable[[InferRequest, Callable[[InferResponse | None, BaseException | None], None]], Callable[[], None]]
 
 
 class GrpcInfer:
     """ModelInfer and ModelStreamInfer around an `infer` call: the service's own, or (in a frontend
-    worker process) the link to the scheduler process."""
+    worker process) the link to the scheduler process. Given the service's `submit` too, ModelInfer
+    runs without a task or coroutine (Method.start): ~2 us of a lone call's ~5 us in the transport."""
 
-    def __init__(self, infer: Infer) -> None:
+    def __init__(self, infer: Infer, submit: Submit | None = None) -> None:
         self.infer = infer
+        self.submit = submit
 
     def methods(self) -> dict[str, Method]:
-        return {SERVICE + "ModelInfer": Method(pb.ModelInferRequest.FromString, self.model_infer),
+        start = self.start_model_infer if self.submit is not None else None
+        return {SERVICE + "ModelInfer": Method(pb.ModelInferRequest.FromString, self.model_infer, start=start),
                 SERVICE + "ModelStreamInfer": Method(pb.ModelInferRequest.FromString, self.stream_infer,
                                                      streaming=True)}
 
     async def model_infer(self, request: pb.ModelInferRequest, ctx: CallContext) -> pb.ModelInferResponse:
         response = await self.infer(v2_proto.decode_request(request))
         return v2_proto.encode_response(response)
+
+    def start_model_infer(self, request: pb.ModelInferRequest, ctx: CallContext, reply: Reply) -> Callable[[], None]:
+        """ModelInfer through `submit`: what `model_infer` does, with the answer by callback."""
+        def answered(response: InferResponse | None, exc: BaseException | None) -> None:
+            if exc is not None:
+                return reply(None, exc)
+            try:
+                message = v2_proto.encode_response(cast(InferResponse, response))
+            except Exception as err:
+                return reply(None, err)
+            reply(message, None)
+
+        return cast(Submit, self.submit)(v2_proto.decode_request(request), answered)
 
     async def stream_infer(self, request: pb.ModelInferRequest, ctx: CallContext) -> pb.ModelStreamInferResponse:
         """One request on ModelStreamInfer: a failure becomes this reply's error_message, and the
@@ -91,7 +109,7 @@ class GrpcFrontend:
             "RepositoryModelUnload": (pb.RepositoryModelUnloadRequest, self.repository_model_unload),
         }
         methods = {SERVICE + name: Method(cls.FromString, call) for name, (cls, call) in handlers.items()}
-        methods.update(GrpcInfer(self.service.infer).methods())
+        methods.update(GrpcInfer(self.service.infer, self.service.submit).methods())
         for name in _NOT_OFFERED:
             methods[SERVICE + name] = Method(lambda data: data, _not_offered(name))
         return methods

@@ -189,3 +189,45 @@ def test_replies_completing_in_one_loop_turn_leave_in_one_write():
         await server.stop(0.1)
 
     asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_a_unary_call_through_method_start_is_answered_cancelled_or_refused():
+    """Method.start (ModelInfer's path, no task): a later reply answers the call; a deadline calls the
+    cancel function and a reply after it sends nothing more; an error raised by start is the
+    call's status; an error passed to reply is too."""
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        pending: dict[bytes, object] = {}
+        cancelled: list[bytes] = []
+
+        def start(request: bytes, ctx, reply):
+            if request == b"refuse":
+                raise ValueError("refused at once")
+            pending[request] = reply
+            if request in (b"ok", b"fail"):
+                loop.call_later(0.01, reply, *((_Reply(b"done"), None) if request == b"ok" else
+                                               (None, RuntimeError("failed later"))))
+            return lambda: cancelled.append(request)
+
+        server, c = await _serve({"/s/U": Method(bytes, _ok, start=start)}, max_message=1 << 20)
+        c.w.write(fr.PREFACE + fr.frame(fr.SETTINGS, 0, 0))
+        for sid, body in ((1, b"ok"), (3, b"slow"), (5, b"refuse"), (7, b"fail")):
+            block = c.encoder.encode([*HEADERS, (":path", "/s/U")] + ([("grpc-timeout", "50m")] if sid == 3 else []))
+            c.w.write(fr.frame(fr.HEADERS, fr.END_HEADERS, sid, block)
+                      + fr.frame(fr.DATA, fr.END_STREAM, sid, struct.pack(">BL", 0, len(body)) + body))
+        assert await c.wait(lambda: len(c.ended) == 4, 10.0), f"answered {sorted(c.ended)}"
+        dec = hpack.Decoder()
+        status = {sid: dict(dec.decode(c.ended[sid])) for sid in (1, 3, 5, 7)}
+        assert status[1]["grpc-status"] == "0"
+        assert status[3]["grpc-status"] == "4"  # DEADLINE_EXCEEDED
+        assert cancelled == [b"slow"]  # the deadline withdrew it; the others were answered
+        assert status[5]["grpc-status"] == "13" and "refused at once" in status[5]["grpc-message"]
+        assert status[7]["grpc-status"] == "13" and "failed later" in status[7]["grpc-message"]
+        before = len(c.ended)
+        pending[b"slow"](_Reply(b"late"), None)  # a reply after the cancel: nothing is sent
+        await asyncio.sleep(0.05)
+        assert len(c.ended) == before and server.connections
+        c.close()
+        await server.stop(0.1)
+
+    asyncio.run(asyncio.wait_for(main(), 30))
