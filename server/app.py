@@ -17,7 +17,9 @@ import socket
 
 from . import tls
 from .access import grpc_authorize
+from .backends.python import pb_utils
 from .config import ServerConfig
+from .frontends.bls import Bridge
 from .frontends.grpc_server import GrpcServer
 from .frontends.grpc_service import GrpcFrontend
 from .frontends.grpc_service import error_status as grpc_error_status
@@ -99,6 +101,8 @@ async def serve(config: ServerConfig) -> int:
                             histograms=config.allow_metrics)
     service = InferenceService(repository, model_control_mode=config.model_control_mode,
                                server_name=config.server_name)
+    # Python models' BLS calls (pb_utils.InferenceRequest.exec) are answered by this service
+    pb_utils.set_bridge(Bridge(service, asyncio.get_running_loop()))
 
     if config.model_control_mode == "explicit":
         names = sorted(repository.scan()) if "*" in config.load_models else list(config.load_models)

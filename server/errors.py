@@ -8,6 +8,7 @@
     ├── Unsupported             501 / UNIMPLEMENTED     a protocol feature fuserve lacks
     ├── PermissionDenied        403 / PERMISSION_DENIED a restricted API without the right header
     ├── BackendError            500 / INTERNAL          the model's execution failed
+    ├── ModelError              (the model's code)      a Python model's own TritonError response
     └── ModelLoadError          400 / INVALID_ARGUMENT  a model could not be loaded
 
 Each class carries its HTTP status and gRPC status code; the frontends map an error to the wire
@@ -16,6 +17,8 @@ not `ServerError` are turned into `ServerError` (500) there too, so nothing fore
 """
 
 from __future__ import annotations
+
+import copy
 
 import grpc
 
@@ -70,6 +73,33 @@ class ModelLoadError(ServerError):
 
     http_status = 400
     grpc_code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class ModelError(ServerError):
+    """An error a Python model returned for a request (pb_utils.TritonError): its message exactly,
+    with the status of its code, as Triton 2.51 answers it (an error the model chose, not a failure)."""
+
+    # TritonError code -> (HTTP status, gRPC code); Triton's mapping, observed on 2.51
+    CODES = {
+        0: (400, grpc.StatusCode.UNKNOWN), 1: (500, grpc.StatusCode.INTERNAL), 2: (404, grpc.StatusCode.NOT_FOUND),
+        3: (400, grpc.StatusCode.INVALID_ARGUMENT), 4: (503, grpc.StatusCode.UNAVAILABLE),
+        5: (501, grpc.StatusCode.UNIMPLEMENTED), 6: (400, grpc.StatusCode.ALREADY_EXISTS),
+        7: (400, grpc.StatusCode.CANCELLED),
+    }
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+        self.http_status, self.grpc_code = self.CODES.get(code, self.CODES[1])
+
+
+def with_prefix(exc: ServerError, prefix: str) -> ServerError:
+    """The same error (class, status, code) with `prefix` before its message: how an ensemble
+    reports its step's error."""
+    out = copy.copy(exc)
+    out.message = prefix + exc.message
+    out.args = (out.message,)
+    return out
 
 
 def as_server_error(exc: BaseException) -> ServerError:

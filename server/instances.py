@@ -29,6 +29,15 @@ class InstancePool:
     def devices(self) -> tuple[str, ...]:
         return tuple(i.device for i in self._instances)
 
+    @property
+    def executes_requests(self) -> bool:
+        """The backend takes the batched requests themselves (see backends/base.py)."""
+        return any(i.executes_requests for i in self._instances)
+
+    @property
+    def inline_ok(self) -> bool:
+        return all(i.inline_ok for i in self._instances)
+
     def try_acquire(self) -> Instance | None:
         """A free instance, or None when all are executing."""
         if not self._free:

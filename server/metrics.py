@@ -190,7 +190,7 @@ class ServerMetrics:
                 failure.add_sample(failure.name, {**labels, "reason": reason}, s.failures[reason])
             count.add_sample(count.name, labels, s.inference_count)
             execs.add_sample(execs.name, labels, s.execution_count)
-            pending.add_sample(pending.name, labels, mv.batcher.queued)
+            pending.add_sample(pending.name, labels, mv.scheduler.queued)
             for key, fam in durations.items():
                 fam.add_sample(fam.name, labels, getattr(s, key).ns // 1000)
             load.add_sample(load.name, labels, mv.load_seconds)

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
+from typing import Any
 
 from google.protobuf import json_format, text_format
 
@@ -288,7 +289,7 @@ def build_spec(config: ModelConfig, backend: str, instances: tuple[InstanceSpec,
         raise ModelLoadError(f"{where}: max_batch_size must be >= 0, got {config.max_batch_size}")
     inputs = _tensor_specs("input", list(config.input), where)
     outputs = _tensor_specs("output", list(config.output), where)
-    if not inputs or not outputs:
+    if (not inputs or not outputs) and backend not in ("python", "ensemble"):  # a Python model may declare none
         raise ModelLoadError(f"{where}: the model must have at least one input and one output")
     params = {k: v.string_value for k, v in config.parameters.items()}
     return ModelSpec(
@@ -311,3 +312,64 @@ def config_to_json(config: ModelConfig) -> dict:
     """Triton's JSON form of a ModelConfig (field names as in the .proto, defaults included)."""
     return json_format.MessageToDict(config, preserving_proto_field_name=True,
                                      always_print_fields_with_no_presence=True)
+
+
+# What fuserve implements of ModelConfig. Any other field set in a config fails the load naming it:
+# serving a stateful or streaming model as if it were a plain one would answer wrongly, silently.
+_TOP_LEVEL = frozenset((
+    "name", "platform", "backend", "version_policy", "max_batch_size", "input", "output", "optimization",
+    "dynamic_batching", "ensemble_scheduling", "instance_group", "default_model_filename", "parameters",
+    "model_transaction_policy",
+))
+_INPUT = frozenset(("name", "data_type", "dims", "reshape", "optional"))
+_OUTPUT = frozenset(("name", "data_type", "dims", "reshape"))
+_INSTANCE_GROUP = frozenset(("name", "kind", "count", "gpus"))
+# priority and the pinned-memory switches are Triton's GPU-memory hints: accepted, and no-ops here
+_OPTIMIZATION = frozenset(("graph", "execution_accelerators", "priority", "input_pinned_memory",
+                           "output_pinned_memory"))
+_STEP = frozenset(("model_name", "model_version", "input_map", "output_map"))
+# parameters some Triton backends read that fuserve does not implement
+_REFUSED_PARAMETERS = {
+    "EXECUTION_ENV_PATH": "conda-pack execution environments for Python models are not supported; install the "
+                          "model's packages into fuserve's environment",
+}
+
+
+def unimplemented_fields(config: ModelConfig) -> list[str]:
+    """The fields `config` sets that fuserve does not implement, as dotted paths (first the top level)."""
+    found = [f.name for f, _ in config.ListFields() if f.name not in _TOP_LEVEL]
+
+    def within(prefix: str, message: Any, allowed: frozenset[str]) -> None:
+        found.extend(f"{prefix}.{f.name}" for f, _ in message.ListFields() if f.name not in allowed)
+
+    for i, t in enumerate(config.input):
+        within(f"input[{i}] '{t.name}'", t, _INPUT)
+    for i, t in enumerate(config.output):
+        within(f"output[{i}] '{t.name}'", t, _OUTPUT)
+    for i, g in enumerate(config.instance_group):
+        within(f"instance_group[{i}]", g, _INSTANCE_GROUP)
+    if config.HasField("optimization"):
+        within("optimization", config.optimization, _OPTIMIZATION)
+    for i, s in enumerate(config.ensemble_scheduling.step):
+        within(f"ensemble_scheduling.step[{i}]", s, _STEP)
+    if config.model_transaction_policy.decoupled:
+        found.append("model_transaction_policy.decoupled")
+    found.extend(f"parameters '{key}'" for key in config.parameters if key in _REFUSED_PARAMETERS)
+    return found
+
+
+def refuse_unimplemented(config: ModelConfig, where: str) -> None:
+    """Fail the load, naming the field, when the config asks for something fuserve does not do."""
+    fields = unimplemented_fields(config)
+    if not fields:
+        return
+    why = {"sequence_batching": " (stateful models: the sequence batcher is not implemented yet)",
+           "model_transaction_policy.decoupled": " (decoupled models: one request, many responses, is not "
+                                                 "implemented yet)"}
+    first = fields[0]
+    extra = why.get(first, "")
+    for key, reason in _REFUSED_PARAMETERS.items():
+        if first == f"parameters '{key}'":
+            extra = f" ({reason})"
+    more = f"; also {', '.join(fields[1:])}" if len(fields) > 1 else ""
+    raise ModelLoadError(f"{where}: {first} is not supported by fuserve{extra}{more}")

@@ -12,15 +12,15 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from .backends.base import BackendFactory
 from .backends.registry import get_backend
-from .batcher import Batcher
 from .errors import InvalidArgument, ModelLoadError, NotFound
 from .instances import InstancePool
 from .model_config import (
@@ -32,7 +32,17 @@ from .model_config import (
     instance_specs,
     parse_config_json,
     read_config,
+    refuse_unimplemented,
 )
+from .scheduler import (
+    ENSEMBLE_PLATFORM,
+    EnsemblePlan,
+    Scheduler,
+    StepRunner,
+    ensemble_scheduler,
+    scheduler_for,
+)
+from .scheduler.ensemble_plan import parse_steps, plan_ensemble, step_dependencies
 from .stats import ModelStats
 
 log = logging.getLogger(__name__)
@@ -44,26 +54,24 @@ PROVIDERS_PARAMETER = "fuserve_execution_providers"
 
 @dataclass(eq=False)
 class ModelVersion:
-    """One loaded, ready version: its resolved spec and the instances that run it."""
+    """One loaded, ready version: its resolved spec, its scheduler and the instances that run it
+    (an ensemble has no instances: its steps' models run them)."""
 
     spec: ModelSpec
     version: int
-    pool: InstancePool
+    pool: InstancePool | None
     load_seconds: float
+    stats: ModelStats
+    scheduler: Scheduler
     # The backend's own per-request check of input values (e.g. token ids within the vocabulary), run
     # before the request joins a batch so a bad one fails alone; raises InvalidArgument.
-    check_inputs: Callable[[dict[str, np.ndarray]], None] | None = None
-    stats: ModelStats = field(init=False)
-    batcher: Batcher = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.stats = ModelStats(self.spec.name, str(self.version))
-        self.batcher = Batcher(self.spec, self.pool, self.stats)
+    check_inputs: Callable[[Mapping[str, np.ndarray]], None] | None = None
 
     async def close(self) -> None:
         """Finish what is queued and executing, then release the instances."""
-        await self.batcher.drain()
-        await self.pool.close()
+        await self.scheduler.drain()
+        if self.pool is not None:
+            await self.pool.close()
 
     @property
     def name(self) -> str:
@@ -79,6 +87,17 @@ class ModelEntry:
     latest: ModelVersion | None = None
     fingerprint: tuple = ()
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+@dataclass(eq=False)
+class _Built:
+    """A version opened on the loading thread, not yet serving."""
+
+    spec: ModelSpec
+    instances: list
+    seconds: float
+    plan: EnsemblePlan | None = None  # an ensemble's; its steps' specs by step index
+    steps: dict[int, ModelSpec] = field(default_factory=dict)
 
 
 def _valid_name(name: str) -> bool:
@@ -132,6 +151,9 @@ class Repository:
         self.default_max_batch_size = default_max_batch_size
         self.auto_complete = auto_complete
         self._models: dict[str, ModelEntry] = {}
+        self._loading: set[str] = set()  # ensembles loading their step models (a cycle stops here)
+        # How an ensemble's step runs through the core: set by the service that serves this repository.
+        self.run_step: StepRunner | None = None
 
     # ---- the request path -------------------------------------------------------------------
 
@@ -202,33 +224,41 @@ class Repository:
 
     # ---- loading ------------------------------------------------------------------------------
 
-    def _build(self, name: str, model_dir: Path,
-               config_override: str | None = None) -> dict[int, tuple[ModelSpec, list, float]]:
-        """Open every selected version (blocking; runs on a worker thread)."""
+    def _read(self, name: str, model_dir: Path, config_override: str | None) -> tuple[ModelConfig, str]:
+        """The model's config as written (or as overridden), checked for what fuserve does not do."""
         if config_override is not None:
-            config = parse_config_json(config_override, f"the config override for model '{name}'")
             where = f"the config override for model '{name}'"
+            config = parse_config_json(config_override, where)
         else:
             config = read_config(model_dir)
             where = str(model_dir / "config.pbtxt")
         if config.name and config.name != name:
             raise ModelLoadError(f"{where}: name '{config.name}' does not match the directory name '{name}'")
         config.name = name
+        refuse_unimplemented(config, where)
+        return config, where
+
+    def _build(self, name: str, model_dir: Path, config_override: str | None = None) -> dict[int, _Built]:
+        """Open every selected version (blocking; runs on a worker thread)."""
+        config, where = self._read(name, model_dir, config_override)
+        if config.platform == ENSEMBLE_PLATFORM:
+            return self._build_ensemble(config, model_dir, where)
         backend = get_backend(backend_name(config, model_dir))
         instances = instance_specs(config, backend.gpu_count())
-        built: dict[int, tuple[ModelSpec, list, float]] = {}
+        built: dict[int, _Built] = {}
         try:
             for version in select_versions(model_dir, config):
                 started = time.monotonic()
                 path = _model_file(model_dir / str(version), config, backend)
+                completed = backend.complete_config(path, config, where)
                 opened = []
                 try:
                     for spec_i in instances:
-                        opened.append(backend.create_instance(path, config, spec_i))
+                        opened.append(backend.create_instance(path, completed, spec_i))
                     done = ModelConfig()
-                    done.CopyFrom(config)
+                    done.CopyFrom(completed)
                     if self.auto_complete:
-                        done = autocomplete(config, opened[0].io, name=name,
+                        done = autocomplete(completed, opened[0].io, name=name,
                                             default_max_batch_size=self.default_max_batch_size, where=where)
                     if not done.backend:
                         done.backend = backend.name
@@ -240,24 +270,78 @@ class Repository:
                     for instance in opened:
                         instance.close()
                     raise
-                built[version] = (spec, opened, time.monotonic() - started)
+                built[version] = _Built(spec, opened, time.monotonic() - started)
         except BaseException:
-            for _, instances_open, _ in built.values():
-                for instance in instances_open:
+            for b in built.values():
+                for instance in b.instances:
                     instance.close()
             raise
         return built
+
+    def _build_ensemble(self, config: ModelConfig, model_dir: Path, where: str) -> dict[int, _Built]:
+        """An ensemble's versions: its plan, checked against the step models loaded now."""
+        steps = parse_steps(config, where)
+        specs: dict[int, ModelSpec] = {}
+        for step in steps:
+            try:
+                pinned = "" if step.model_version < 0 else str(step.model_version)
+                specs[step.index] = self.get(step.model_name, pinned).spec
+            except NotFound as exc:
+                raise ModelLoadError(f"{where}: {step.label} is not ready: {exc.message}") from None
+        plan = plan_ensemble(config, specs, where)
+        built: dict[int, _Built] = {}
+        for version in select_versions(model_dir, config):
+            spec = build_spec(config, ENSEMBLE_PLATFORM, (), where)
+            built[version] = _Built(spec, [], 0.0, plan, specs)
+        return built
+
+    def ensemble_dependencies(self, name: str, config_override: str | None = None) -> list[str]:
+        """The step models an ensemble needs loaded first ([] for any other model, or one that
+        cannot be read: its load reports why)."""
+        try:
+            config, _ = self._read(name, self.model_dir(name), config_override)
+        except Exception:
+            return []
+        if config.platform != ENSEMBLE_PLATFORM:
+            return []
+        return [step_name for step_name, _ in step_dependencies(config)]
+
+    def _version(self, name: str, version: int, b: _Built) -> ModelVersion:
+        stats = ModelStats(name, str(version))
+        if self.histograms:
+            stats.enable_histograms()
+        if b.plan is not None:
+            scheduler = ensemble_scheduler(b.spec, b.plan, b.steps, stats, self._run_step)
+            return ModelVersion(b.spec, version, None, b.seconds, stats, scheduler)
+        pool = InstancePool(f"{name}-{version}", b.instances)
+        return ModelVersion(b.spec, version, pool, b.seconds, stats, scheduler_for(b.spec, pool, stats),
+                            b.instances[0].check_inputs)
+
+    def _run_step(self, *args: Any) -> Any:
+        if self.run_step is None:
+            raise ModelLoadError("ensembles need the inference service (Repository.run_step is unset)")
+        return self.run_step(*args)
 
     async def load(self, name: str, config_override: str | None = None) -> None:
         """Load (or reload) `name` from disk; raise with the reason on failure.
 
         `config_override` is a ModelConfig in JSON that replaces config.pbtxt (Triton's `config`
-        load parameter); auto-complete still fills in what it leaves out.
+        load parameter); auto-complete still fills in what it leaves out. An ensemble's step models
+        that are not loaded are loaded first, as Triton does.
         """
         try:
             model_dir = self.model_dir(name)
         except NotFound:
             raise NotFound(f"failed to load model '{name}': it is not in the model repository") from None
+        for dependency in await asyncio.to_thread(self.ensemble_dependencies, name, config_override):
+            entry = self._models.get(dependency)
+            if dependency != name and dependency not in self._loading and (entry is None or not entry.versions):
+                with contextlib.suppress(Exception):  # the ensemble's own load names what is missing
+                    self._loading.add(name)
+                    try:
+                        await self.load(dependency)
+                    finally:
+                        self._loading.discard(name)
         entry = self._models.setdefault(name, ModelEntry(name))
         async with entry.lock:
             previous_state = entry.state
@@ -275,20 +359,13 @@ class Repository:
                 entry.fingerprint = fingerprint
                 log.error("failed to load model '%s': %s", name, reason)
                 raise ModelLoadError(f"failed to load model '{name}': {reason}") from exc
-            versions = {
-                v: ModelVersion(spec, v, InstancePool(f"{name}-{v}", opened), secs,
-                                getattr(opened[0], "check_inputs", None))
-                for v, (spec, opened, secs) in built.items()
-            }
-            if self.histograms:
-                for mv in versions.values():
-                    mv.stats.enable_histograms()
+            versions = {v: self._version(name, v, b) for v, b in built.items()}
             old = entry.versions
             entry.versions, entry.latest = versions, versions[max(versions)]
             entry.state, entry.reason, entry.fingerprint = READY, "", fingerprint
             for v, mv in sorted(versions.items()):
-                log.info("loaded model '%s' version %d on %s in %.2fs", name, v,
-                         ", ".join(sorted(set(mv.pool.devices))), mv.load_seconds)
+                where_runs = ", ".join(sorted(set(mv.pool.devices))) if mv.pool is not None else "its steps' models"
+                log.info("loaded model '%s' version %d on %s in %.2fs", name, v, where_runs, mv.load_seconds)
         for mv in old.values():
             await mv.close()
 
@@ -311,7 +388,9 @@ class Repository:
     async def load_many(self, names: list[str]) -> dict[str, str]:
         """Load each model; return name -> error for those that failed (the others still load)."""
         errors: dict[str, str] = {}
-        for name in names:
+        # ensembles last: their step models are then loaded already (load() would load them first)
+        kinds = {n: bool(await asyncio.to_thread(self.ensemble_dependencies, n)) for n in names}
+        for name in sorted(names, key=kinds.__getitem__):
             try:
                 await self.load(name)
             except Exception as exc:
@@ -323,7 +402,8 @@ class Repository:
     async def poll_once(self) -> None:
         """Poll mode: load new models, reload changed ones, unload removed ones."""
         present = self.scan()
-        for name in sorted(present):
+        kinds = {n: bool(await asyncio.to_thread(self.ensemble_dependencies, n)) for n in present}
+        for name in sorted(present, key=lambda n: (kinds[n], n)):
             entry = self._models.get(name)
             if entry is not None and entry.fingerprint == await asyncio.to_thread(_fingerprint, present[name]):
                 continue

@@ -16,11 +16,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import __version__
-from .batcher import Outcome, Work
 from .errors import BackendError, InvalidArgument, Rejected, Unavailable, Unsupported
 from .model_config import ModelConfig, ModelSpec
 from .repository import ModelVersion, Repository
-from .types import InferRequest, InferResponse, Tensor
+from .scheduler import Outcome, Work
+from .scheduler.lending import Runner
+from .types import InferRequest, InferResponse, Parameters, RequestedOutput, Tensor
 
 
 @dataclass(slots=True)
@@ -106,6 +107,23 @@ def _failure_reason(exc: Exception) -> str:
     return "OTHER"  # the request failed validation (Triton does not count these; we do)
 
 
+# Request parameters the protocol itself defines: a model sees only the client's own (Triton's rule).
+RESERVED_PARAMETERS = frozenset(("priority", "timeout", "sequence_id", "sequence_start", "sequence_end",
+                                 "binary_data_output"))
+
+
+def _own_parameters(parameters: Parameters) -> Parameters:
+    """The client's own request parameters, as a model sees them; `triton_*` keys are Triton's."""
+    own = {}
+    for key, value in parameters.items():
+        if key.startswith("triton_"):
+            raise InvalidArgument("parameter keys starting with 'triton_' are reserved for Triton usage and should "
+                                  "not be specified.")
+        if key not in RESERVED_PARAMETERS:
+            own[key] = value
+    return own
+
+
 def _int_parameter(request: InferRequest, key: str) -> int:
     value = request.parameters.get(key, 0)
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -124,6 +142,7 @@ class InferenceService:
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        repository.run_step = self.run_step  # how the repository's ensembles reach their steps
 
     # ---- health and metadata -------------------------------------------------------------------
 
@@ -159,14 +178,24 @@ class InferenceService:
 
     # ---- inference -----------------------------------------------------------------------------
 
-    async def infer(self, request: InferRequest) -> InferResponse:
-        mv = self._admit(request)
+    async def infer(self, request: InferRequest, *, internal: bool = False,
+                    runner: Runner | None = None) -> InferResponse:
+        """Answer one request. `internal`: a call made by a model being served (an ensemble's step,
+        a BLS request), which is answered while the server drains, since its caller was accepted.
+        `runner`: a BLS caller's, through which an instance lent to this request runs on its thread."""
+        mv = self.repository.get(request.model_name, request.model_version) if internal else self._admit(request)
         start = time.perf_counter_ns()
         self._in_flight += 1
         self._idle.clear()
         try:
             call = self._prepare(mv, request, start)
-            outcome = await mv.batcher.submit(call.work)
+            call.work.runner = runner
+            pending = mv.scheduler.enqueue(call.work)
+            try:
+                outcome = await pending.future
+            except asyncio.CancelledError:
+                mv.scheduler.withdraw(pending)
+                raise
             response = self._complete(mv, request, call, outcome)
         except asyncio.CancelledError:  # the client went away
             mv.stats.record_failure(time.perf_counter_ns() - start, "CANCELED")
@@ -178,6 +207,20 @@ class InferenceService:
             self._leave()
         return response
 
+    async def run_step(self, model: str, version: str, feeds: dict[str, np.ndarray], outputs: tuple[str, ...],
+                       request_id: str, parameters: Parameters) -> dict[str, np.ndarray]:
+        """An ensemble's step through the same core as a client request (the callee's checks,
+        scheduler and statistics); the step's inputs and outputs pass by reference."""
+        spec = self.repository.get(model, version).spec
+        tensors = []
+        for name, arr in feeds.items():
+            ts = spec.input_index.get(name)
+            tensors.append(Tensor(name, ts.datatype if ts is not None else "", arr.shape, arr))
+        request = InferRequest(model, version, tensors, [RequestedOutput(n) for n in outputs], request_id,
+                               dict(parameters))
+        response = await self.infer(request, internal=True)
+        return {t.name: t.data for t in response.outputs}
+
     def submit(self, request: InferRequest,
                reply: Callable[[InferResponse | None, BaseException | None], None]) -> Callable[[], None]:
         """`infer` without a coroutine or task (for the frontend workers' link, where a task per
@@ -188,7 +231,7 @@ class InferenceService:
         start = time.perf_counter_ns()
         try:
             call = self._prepare(mv, request, start)
-            pending = mv.batcher.enqueue(call.work)
+            pending = mv.scheduler.enqueue(call.work)
         except Exception as exc:
             mv.stats.record_failure(time.perf_counter_ns() - start, _failure_reason(exc))
             raise
@@ -211,7 +254,7 @@ class InferenceService:
             reply(None, exc)
 
         pending.future.add_done_callback(done)
-        return lambda: mv.batcher.withdraw(pending)
+        return lambda: mv.scheduler.withdraw(pending)
 
     def _admit(self, request: InferRequest) -> ModelVersion:
         if not self.accepting:
@@ -239,11 +282,12 @@ class InferenceService:
                 names.append(o.name)
         else:
             names = list(spec.output_index)
-        rows = request.inputs[0].shape[0] if spec.max_batch_size > 0 else 1
-        work = Work(feeds, tuple(names), rows)
+        rows = request.inputs[0].shape[0] if spec.max_batch_size > 0 and request.inputs else 1
+        work = Work(feeds, tuple(names), rows, id=request.id)
         if request.parameters:
             work.priority = _int_parameter(request, "priority")
             work.timeout_us = _int_parameter(request, "timeout")
+            work.parameters = _own_parameters(request.parameters)
         return _Call(work, names, rows, start, time.perf_counter_ns())
 
     def _complete(self, mv: ModelVersion, request: InferRequest, call: _Call, outcome: Outcome) -> InferResponse:
@@ -268,7 +312,7 @@ class InferenceService:
             self.repository.get(name)  # NotFound for an unknown model
             versions = [mv for mv in self.repository.ready_models() if mv.name == name]
         ordered = sorted(versions, key=lambda m: (m.name, m.version))
-        return {"model_stats": [mv.stats.as_dict(mv.batcher.queued, mv.batcher.executing_requests)
+        return {"model_stats": [mv.stats.as_dict(mv.scheduler.queued, mv.scheduler.executing_requests)
                                 for mv in ordered]}
 
     async def drain(self) -> None:

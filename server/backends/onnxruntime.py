@@ -27,6 +27,7 @@ import onnxruntime as ort
 from .. import dtypes
 from ..errors import InvalidArgument, ModelLoadError
 from ..model_config import InstanceSpec, ModelConfig, ModelIO, TensorIO
+from .base import Request, RequestResult
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,9 @@ def _to_ort_strings(name: str, arr: np.ndarray) -> np.ndarray:
 
 
 class OrtInstance:
+    executes_requests = False  # one concatenated batch
+    inline_ok = True
+
     def __init__(self, model_path: Path, config: ModelConfig, instance: InstanceSpec) -> None:
         requested = _providers(config, instance)
         try:
@@ -119,6 +123,12 @@ class OrtInstance:
     @property
     def device(self) -> str:
         return self._device
+
+    def check_inputs(self, feeds: Mapping[str, np.ndarray]) -> None:
+        """Nothing beyond the service's checks against the config."""
+
+    def execute_requests(self, requests: Sequence[Request]) -> list[RequestResult]:
+        raise NotImplementedError("onnxruntime instances execute one concatenated batch")
 
     def execute(self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]) -> dict[str, np.ndarray]:
         feeds = dict(inputs)
@@ -177,6 +187,9 @@ class OrtBackendFactory:
     @functools.cache  # noqa: B019 (one factory per process)
     def gpu_count(self) -> int:
         return _gpu_count()
+
+    def complete_config(self, model_path: Path, config: ModelConfig, where: str) -> ModelConfig:
+        return config  # auto-complete reads the session's inputs and outputs (model_config.autocomplete)
 
     def create_instance(self, model_path: Path, config: ModelConfig, instance: InstanceSpec) -> OrtInstance:
         return OrtInstance(model_path, config, instance)

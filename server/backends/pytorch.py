@@ -34,6 +34,7 @@ import numpy as np
 from .. import dtypes
 from ..errors import BackendError, ModelLoadError
 from ..model_config import InstanceSpec, ModelConfig, ModelIO, TensorIO, mc
+from .base import Request, RequestResult
 
 log = logging.getLogger(__name__)
 # Inputs arrive as read-only views of the request's bytes; the models only read them.
@@ -64,6 +65,8 @@ def declared_io(config: ModelConfig, where: str) -> ModelIO:
 
 
 class TorchInstance:
+    executes_requests = False  # one concatenated batch
+    inline_ok = True
     def __init__(self, model_path: Path, config: ModelConfig, instance: InstanceSpec) -> None:
         try:
             import torch
@@ -92,6 +95,7 @@ class TorchInstance:
         from .torch_kernels import wrap_with_kernels
 
         self.module = wrap_with_kernels(self.module, config, self.torch_device, where)
+        self._check = getattr(self.module, "check_inputs", None)  # the kernels' path's value check
         if _param(config, "torch_compile").lower() in ("1", "true", "yes"):
             if model_path.suffix != ".pt2":
                 raise ModelLoadError(f"{where}: torch_compile needs a torch.export program (model.pt2), "
@@ -110,10 +114,13 @@ class TorchInstance:
     def io(self) -> ModelIO:
         return self._io
 
-    @property
-    def check_inputs(self) -> Any:
-        """The kernels' path's check of input values, when it has one (see ModelVersion)."""
-        return getattr(self.module, "check_inputs", None)
+    def check_inputs(self, feeds: Mapping[str, np.ndarray]) -> None:
+        """The kernels' path's check of input values (token ids within the vocabulary), when it has one."""
+        if self._check is not None:
+            self._check(feeds)
+
+    def execute_requests(self, requests: Sequence[Request]) -> list[RequestResult]:
+        raise NotImplementedError("PyTorch instances execute one concatenated batch")
 
     @property
     def device(self) -> str:
@@ -202,6 +209,9 @@ class TorchBackendFactory:
             return int(torch.cuda.device_count())
         except Exception:
             return 0
+
+    def complete_config(self, model_path: Path, config: ModelConfig, where: str) -> ModelConfig:
+        return config  # auto-complete reads the program's inputs and outputs (model_config.autocomplete)
 
     def create_instance(self, model_path: Path, config: ModelConfig, instance: InstanceSpec) -> TorchInstance:
         return TorchInstance(model_path, config, instance)

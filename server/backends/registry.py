@@ -7,7 +7,8 @@ import importlib
 from ..errors import ModelLoadError
 from .base import BackendFactory
 
-_MODULES = {"onnxruntime": "server.backends.onnxruntime", "pytorch": "server.backends.pytorch"}
+_MODULES = {"onnxruntime": "server.backends.onnxruntime", "pytorch": "server.backends.pytorch",
+            "python": "server.backends.python"}
 _loaded: dict[str, BackendFactory] = {}
 
 

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from google.protobuf import text_format
 
-from server.batcher import Batcher, Work
 from server.errors import ServerError, Unavailable
 from server.instances import InstancePool
 from server.model_config import ModelConfig, ModelIO, build_spec, instance_specs
+from server.scheduler.batcher import Batcher, Work
 from server.stats import ModelStats
 
 
@@ -28,6 +28,11 @@ class RecordingInstance:
 
     io = ModelIO((), ())
     device = "CPUExecutionProvider"
+    executes_requests = False  # one concatenated batch, as onnxruntime's
+    inline_ok = True
+
+    def check_inputs(self, feeds) -> None:
+        pass
 
     threads: list[str]
     delay = 0.0

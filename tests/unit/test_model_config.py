@@ -18,6 +18,8 @@ from server.model_config import (
     instance_specs,
     parse_config_json,
     read_config,
+    refuse_unimplemented,
+    unimplemented_fields,
 )
 from server.repository import select_versions
 
@@ -138,3 +140,36 @@ def test_parse_config_json():
     assert parse_config_json('{"max_batch_size": "16"}', "w").max_batch_size == 16
     with pytest.raises(ModelLoadError, match="JSON"):
         parse_config_json('"parameters": {', "w")
+
+
+@pytest.mark.parametrize(("text", "field"), [
+    ("sequence_batching { }", "sequence_batching"),
+    ("model_transaction_policy { decoupled: true }", "model_transaction_policy.decoupled"),
+    ('input [ { name: "x" data_type: TYPE_FP32 dims: [1] allow_ragged_batch: true } ]',
+     "input[0] 'x'.allow_ragged_batch"),
+    ('output [ { name: "y" data_type: TYPE_FP32 dims: [1] label_filename: "labels.txt" } ]',
+     "output[0] 'y'.label_filename"),
+    ("instance_group [ { count: 1 rate_limiter { priority: 1 } } ]", "instance_group[0].rate_limiter"),
+    ("response_cache { enable: true }", "response_cache"),
+    ('model_warmup [ { name: "w" } ]', "model_warmup"),
+    ('parameters { key: "EXECUTION_ENV_PATH" value: { string_value: "env.tar.gz" } }',
+     "parameters 'EXECUTION_ENV_PATH'"),
+])
+def test_a_field_fuserve_does_not_implement_fails_the_load_naming_it(text, field):
+    config = text_format.Parse(text, ModelConfig())
+    with pytest.raises(ModelLoadError) as info:
+        refuse_unimplemented(config, "m/config.pbtxt")
+    assert info.value.message.startswith(f"m/config.pbtxt: {field} is not supported by fuserve")
+
+
+def test_what_fuserve_implements_loads_and_triton_defaults_round_trip():
+    config = text_format.Parse(
+        'name: "m" backend: "python" max_batch_size: 8 '
+        'input [ { name: "x" data_type: TYPE_FP32 dims: [4] optional: true } ] '
+        'output [ { name: "y" data_type: TYPE_FP32 dims: [4] } ] '
+        "dynamic_batching { preferred_batch_size: [4] max_queue_delay_microseconds: 100 } "
+        "instance_group [ { count: 2 kind: KIND_CPU } ] model_transaction_policy { decoupled: false } "
+        "optimization { input_pinned_memory { enable: true } } "
+        'parameters { key: "k" value: { string_value: "v" } }', ModelConfig())
+    refuse_unimplemented(config, "m")  # nothing raised
+    assert unimplemented_fields(config) == []

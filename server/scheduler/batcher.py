@@ -10,8 +10,10 @@
 Without `dynamic_batching` every batch is one request (Triton's default scheduler). The scheduler
 is event-driven: it runs when a request arrives, when an execution finishes, and at the one timer
 it keeps for the earliest queue-delay or timeout expiry; there is no polling loop. Everything here
-runs on the event loop thread except `_execute_batch`, which runs on the instance's worker thread
-(or, for a cheap model on one CPU instance, inline: see `_inline`).
+runs on the event loop thread except what `execute.py` runs on the instance's worker thread (or,
+for a cheap model on one CPU instance whose backend allows it, inline: see `_inline`). A backend that
+executes requests (a Python model) gets the batched requests themselves, not one concatenated batch.
+BLS requests may borrow an instance whose holder waits on a BLS call (lending.py).
 
 A request whose caller goes away (HTTP disconnect, gRPC cancel) while queued is dropped before
 execution. When a batch fails, each of its requests is executed alone, so only the requests that
@@ -24,40 +26,21 @@ import asyncio
 import functools
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import cast
 
 import numpy as np
 
-from .backends.base import Instance
-from .errors import BackendError, Rejected, ServerError
-from .instances import InstancePool
-from .model_config import ModelSpec, QueuePolicy
-from .stats import ModelStats
+from ..backends.base import Instance, Request
+from ..errors import BackendError, Rejected, ServerError
+from ..instances import InstancePool
+from ..model_config import ModelSpec, QueuePolicy
+from ..stats import ModelStats
+from .base import Outcome, Work
+from .execute import execute_batch, execute_requests
 
 # A model whose batches take less than this (moving average) runs inline on the event loop thread.
 INLINE_BELOW_NS = 1_000_000
-
-
-@dataclass(slots=True, eq=False)
-class Work:
-    """One request as the model sees it: validated inputs, the outputs it wants, its row count."""
-
-    feeds: dict[str, np.ndarray]
-    outputs: tuple[str, ...]
-    rows: int
-    priority: int = 0  # 0: the model's default priority level; 1 is the highest
-    timeout_us: int = 0  # 0: the queue policy's default
-
-
-@dataclass(slots=True)
-class Outcome:
-    outputs: dict[str, np.ndarray]
-    queue_ns: int
-    input_ns: int
-    infer_ns: int
-    output_ns: int
 
 
 @dataclass(slots=True, eq=False)
@@ -80,53 +63,6 @@ class _Done:
     started: int
     timings: tuple[int, int, int] = (0, 0, 0)
     rows: int = 0
-
-
-def _execute_batch(instance: Instance, feeds_list: list[dict[str, np.ndarray]], outputs: Sequence[str],
-                   rows: list[int]) -> tuple[list[dict[str, np.ndarray] | Exception], tuple[int, int, int]]:
-    """On the worker thread: execute the batch; if it fails, execute each of its requests alone, so
-    that one request the model cannot take (a token id out of range, text that is not a number)
-    fails by itself and its batch-mates are answered. Per request: its outputs or its exception."""
-    try:
-        parts, timings = _execute_once(instance, feeds_list, outputs, rows)
-        return cast(list[dict[str, np.ndarray] | Exception], parts), timings
-    except Exception:
-        if len(feeds_list) == 1:
-            raise
-    t0 = time.perf_counter_ns()
-    alone: list[dict[str, np.ndarray] | Exception] = []
-    for feeds, n in zip(feeds_list, rows, strict=True):
-        try:
-            alone.append(_execute_once(instance, [feeds], outputs, [n])[0][0])
-        except Exception as exc:
-            alone.append(exc)
-    return alone, (0, time.perf_counter_ns() - t0, 0)
-
-
-def _execute_once(instance: Instance, feeds_list: list[dict[str, np.ndarray]], outputs: Sequence[str],
-                  rows: list[int]) -> tuple[list[dict[str, np.ndarray]], tuple[int, int, int]]:
-    """Concatenate the requests' rows, execute once, split the outputs."""
-    t0 = time.perf_counter_ns()
-    if len(feeds_list) == 1:
-        feeds = feeds_list[0]
-    else:
-        feeds = {name: np.concatenate([f[name] for f in feeds_list]) for name in feeds_list[0]}  # [sum(rows), ...]
-    t1 = time.perf_counter_ns()
-    results = instance.execute(feeds, outputs)
-    t2 = time.perf_counter_ns()
-    if len(feeds_list) == 1:
-        parts = [results]
-    else:
-        total = sum(rows)
-        for name, arr in results.items():
-            if arr.ndim == 0 or arr.shape[0] != total:
-                raise BackendError(f"output '{name}' has shape {list(arr.shape)}: its first dim should be the "
-                                  f"batch size {total}")
-        parts, start = [], 0
-        for n in rows:
-            parts.append({name: arr[start:start + n] for name, arr in results.items()})  # views, no copy
-            start += n
-    return parts, (t1 - t0, t2 - t1, time.perf_counter_ns() - t2)
 
 
 class Batcher:
@@ -159,10 +95,15 @@ class Batcher:
         mode = spec.parameters.get("fuserve_inline_execution", "auto").lower()
         if mode not in ("auto", "never"):
             mode = "auto"
-        self._inline_allowed = mode == "auto" and len(pool.devices) == 1 and "cpu" in pool.devices[0].lower()
+        self._inline_allowed = (mode == "auto" and len(pool.devices) == 1 and "cpu" in pool.devices[0].lower()
+                                and pool.inline_ok)
+        self._requests = pool.executes_requests  # the backend takes the requests, not one concatenated batch
         self._inline = False
         self._exec_ewma_ns = float(INLINE_BELOW_NS)  # starts on the worker thread, until measured
         self._batch_ewma = 1.0
+        # BLS (lending.py): instance -> how many of its holders wait on a BLS call, how many lends run
+        self._blocked: dict[Instance, int] = {}
+        self._lent: dict[Instance, int] = {}
         # preserve_ordering: batches are answered in dispatch order
         self._next_seq = 0
         self._answer_seq = 0
@@ -301,6 +242,8 @@ class Batcher:
                 wake_at = self._expire(now)
             instance = self.pool.try_acquire()
             if instance is None:
+                if self._blocked:
+                    self._lend()
                 break
             batch, when = self._form(now)
             if batch is None:
@@ -314,7 +257,31 @@ class Batcher:
             self._timer = loop.call_at(loop.time() + max(0, wake_at - time.perf_counter_ns()) / 1e9, self._schedule)
         self._check_idle()
 
-    def _dispatch(self, batch: list[_Pending], instance: Instance) -> None:
+    # ---- lending to BLS calls (lending.py) ------------------------------------------------------
+
+    def block(self, instance: Instance) -> None:
+        """The thread executing on `instance` waits on a BLS call: the instance may be lent."""
+        self._blocked[instance] = self._blocked.get(instance, 0) + 1
+        self._schedule()
+
+    def unblock(self, instance: Instance) -> None:
+        left = self._blocked.get(instance, 0) - 1
+        if left > 0:
+            self._blocked[instance] = left
+        else:
+            self._blocked.pop(instance, None)
+
+    def _lend(self) -> None:
+        """No instance is free: give BLS requests the instances whose holders wait on BLS calls."""
+        for instance, waiting in list(self._blocked.items()):
+            while waiting > self._lent.get(instance, 0):
+                p = next((p for p in self._live() if p.work.runner is not None), None)
+                if p is None:
+                    return
+                self._lent[instance] = self._lent.get(instance, 0) + 1
+                self._dispatch([p], instance, lent=True)
+
+    def _dispatch(self, batch: list[_Pending], instance: Instance, lent: bool = False) -> None:
         outputs: dict[str, None] = {}
         for p in batch:
             p.taken = True
@@ -328,24 +295,40 @@ class Batcher:
         started = time.perf_counter_ns()
         rows = [p.work.rows for p in batch]
         loop = self._loop or asyncio.get_running_loop()
-        done = functools.partial(self._on_executed, batch, instance, seq, started, sum(rows))
+        done = functools.partial(self._on_executed, batch, instance, seq, started, sum(rows), lent)
         # inline only at low load (lone requests): under load, batches on the thread grow larger
         if self._inline and len(batch) == 1 and self._batch_ewma < 1.5:
             fut: asyncio.Future = loop.create_future()
             try:
-                fut.set_result(_execute_batch(instance, [p.work.feeds for p in batch], list(outputs), rows))
+                fut.set_result(execute_batch(instance, [p.work.feeds for p in batch], list(outputs), rows))
             except Exception as exc:
                 fut.set_exception(exc)
             loop.call_soon(done, fut)  # not now: _schedule is what called us
             return
-        fut = self.pool.run(loop, _execute_batch, instance, [p.work.feeds for p in batch], list(outputs), rows)
+        if self._requests:
+            requests = [Request(p.work.feeds, p.work.outputs, p.work.id, p.work.parameters, p.future.cancelled)
+                        for p in batch]
+            runner = batch[0].work.runner if lent else None
+            if runner is not None:  # on the BLS caller's thread, which waits for exactly this
+                fut = runner(execute_requests, self, instance, requests)
+            else:
+                fut = self.pool.run(loop, execute_requests, self, instance, requests)
+        else:
+            fut = self.pool.run(loop, execute_batch, instance, [p.work.feeds for p in batch], list(outputs), rows)
         fut.add_done_callback(done)
 
     # ---- completion -----------------------------------------------------------------------------
 
     def _on_executed(self, batch: list[_Pending], instance: Instance, seq: int, started: int, rows: int,
-                     fut: asyncio.Future) -> None:
-        self.pool.release(instance)
+                     lent: bool, fut: asyncio.Future) -> None:
+        if lent:  # its holder still has it
+            left = self._lent.get(instance, 0) - 1
+            if left > 0:
+                self._lent[instance] = left
+            else:
+                self._lent.pop(instance, None)
+        else:
+            self.pool.release(instance)
         self._executing -= 1
         self.executing_requests -= len(batch)
         try:

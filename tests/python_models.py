@@ -1,0 +1,309 @@
+"""Small Triton Python models (our own, in the shapes of Triton's python_backend examples) for the
+end-to-end tests: written into a repository as `<name>/config.pbtxt` + `<name>/1/model.py`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# add_sub as Triton's example has it: OUTPUT0 = INPUT0 + INPUT1, OUTPUT1 = INPUT0 - INPUT1, plus
+# BATCH: how many requests execute() got in the call that answered this one.
+ADD_SUB = '''
+import json
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.args = args
+        config = json.loads(args["model_config"])
+        self.dtype = pb_utils.triton_string_to_numpy(
+            pb_utils.get_output_config_by_name(config, "OUTPUT0")["data_type"])
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            a = pb_utils.get_input_tensor_by_name(request, "INPUT0").as_numpy()
+            b = pb_utils.get_input_tensor_by_name(request, "INPUT1").as_numpy()
+            n = np.full((a.shape[0], 1), len(requests), dtype=np.int32)
+            responses.append(pb_utils.InferenceResponse(output_tensors=[
+                pb_utils.Tensor("OUTPUT0", (a + b).astype(self.dtype)),
+                pb_utils.Tensor("OUTPUT1", (a - b).astype(self.dtype)),
+                pb_utils.Tensor("BATCH", n)]))
+        return responses
+'''
+ADD_SUB_CONFIG = '''
+backend: "python"
+max_batch_size: 8
+input [ { name: "INPUT0", data_type: TYPE_FP32, dims: [ 4 ] }, { name: "INPUT1", data_type: TYPE_FP32, dims: [ 4 ] } ]
+output [ { name: "OUTPUT0", data_type: TYPE_FP32, dims: [ 4 ] }, { name: "OUTPUT1", data_type: TYPE_FP32, dims: [ 4 ] },
+         { name: "BATCH", data_type: TYPE_INT32, dims: [ 1 ] } ]
+dynamic_batching { max_queue_delay_microseconds: 200000 }
+instance_group [ { count: 1, kind: KIND_CPU } ]
+'''
+
+# What the model does is chosen by the request: MODE 0 answers, 1-8 return a TritonError (1: no
+# code, 2..8: the codes in MODES), 9 raises in execute, 10 calls get_response_sender().
+ERRORS = '''
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+CODES = [None, None, pb_utils.TritonError.INVALID_ARG, pb_utils.TritonError.NOT_FOUND,
+         pb_utils.TritonError.UNAVAILABLE, pb_utils.TritonError.UNSUPPORTED, pb_utils.TritonError.ALREADY_EXISTS,
+         pb_utils.TritonError.CANCELLED, pb_utils.TritonError.UNKNOWN]
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        out = []
+        for request in requests:
+            mode = int(pb_utils.get_input_tensor_by_name(request, "MODE").as_numpy().reshape(-1)[0])
+            if mode == 9:
+                raise ValueError("model.py chose to raise")
+            if mode == 10:
+                request.get_response_sender()
+            if 1 <= mode <= 8:
+                code = CODES[mode]
+                error = pb_utils.TritonError(f"mode {mode} fails") if code is None else \\
+                    pb_utils.TritonError(f"mode {mode} fails", code)
+                out.append(pb_utils.InferenceResponse(error=error))
+            else:
+                out.append(pb_utils.InferenceResponse([pb_utils.Tensor("OUT", np.array([mode * 10], np.int32))]))
+        return out
+'''
+ERRORS_CONFIG = '''
+backend: "python"
+max_batch_size: 0
+input [ { name: "MODE", data_type: TYPE_INT32, dims: [ 1 ] } ]
+output [ { name: "OUT", data_type: TYPE_INT32, dims: [ 1 ] } ]
+'''
+
+# Reports what it was given: initialize's args and each request's accessors, as JSON text.
+INTROSPECT = '''
+import json
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.args = args
+        self.model_dir = pb_utils.get_model_dir()
+
+    def execute(self, requests):
+        out = []
+        for r in requests:
+            info = {"args": self.args, "parameters": r.parameters(), "id": r.request_id(),
+                    "correlation_id": r.correlation_id(), "flags": r.flags(),
+                    "requested": sorted(r.requested_output_names()), "cancelled": r.is_cancelled(),
+                    "model_dir": self.model_dir}
+            text = np.array([json.dumps(info).encode()], dtype=object)
+            out.append(pb_utils.InferenceResponse([pb_utils.Tensor("INFO", text),
+                                                   pb_utils.Tensor("ECHO", r.inputs()[0].as_numpy())]))
+        return out
+'''
+INTROSPECT_CONFIG = '''
+backend: "python"
+max_batch_size: 0
+input [ { name: "TEXT", data_type: TYPE_STRING, dims: [ -1 ] } ]
+output [ { name: "INFO", data_type: TYPE_STRING, dims: [ 1 ] }, { name: "ECHO", data_type: TYPE_STRING, dims: [ -1 ] } ]
+'''
+
+# No config.pbtxt: auto_complete_config declares everything, as Triton's auto_complete example does.
+AUTO = '''
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    @staticmethod
+    def auto_complete_config(auto_complete_model_config):
+        auto_complete_model_config.add_input({"name": "X", "data_type": "TYPE_FP32", "dims": [3]})
+        auto_complete_model_config.add_output({"name": "Y", "data_type": "TYPE_FP32", "dims": [3]})
+        auto_complete_model_config.set_max_batch_size(4)
+        auto_complete_model_config.set_dynamic_batching()
+        return auto_complete_model_config
+
+    async def execute(self, requests):  # async def execute, as Triton allows
+        import asyncio
+        await asyncio.sleep(0)
+        return [pb_utils.InferenceResponse([pb_utils.Tensor("Y", pb_utils.get_input_tensor_by_name(r, "X")
+                                                            .as_numpy() * 2)]) for r in requests]
+'''
+
+INIT_FAILS = '''
+class TritonPythonModel:
+    def initialize(self, args):
+        raise RuntimeError("init boom")
+
+    def execute(self, requests):
+        return []
+'''
+
+# Finalize leaves a mark on disk, so a test can see it was called on unload.
+FINALIZE = '''
+import os
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.mark = os.path.join(args["model_repository"], "finalized")
+
+    def execute(self, requests):
+        return [pb_utils.InferenceResponse([pb_utils.Tensor("OUT", np.array([1], np.int32))]) for _ in requests]
+
+    def finalize(self):
+        with open(self.mark, "w") as f:
+            f.write("yes")
+'''
+ONE_INT_CONFIG = '''
+backend: "python"
+max_batch_size: 0
+input [ { name: "N", data_type: TYPE_INT32, dims: [ 1 ] } ]
+output [ { name: "OUT", data_type: TYPE_INT32, dims: [ 1 ] } ]
+'''
+
+# BLS: calls `pyadd` (sync exec), or the model named by TARGET with its error passed on as text.
+BLS = '''
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        out = []
+        for request in requests:
+            target = pb_utils.get_input_tensor_by_name(request, "TARGET").as_numpy().reshape(-1)[0].decode()
+            x = pb_utils.get_input_tensor_by_name(request, "X").as_numpy()
+            call = pb_utils.InferenceRequest(
+                model_name=target, requested_output_names=["OUTPUT0"],
+                inputs=[pb_utils.Tensor("INPUT0", x), pb_utils.Tensor("INPUT1", x)])
+            response = call.exec()
+            if response.has_error():
+                text = f"{int(response.error().code())}|{response.error().message()}"
+                out.append(pb_utils.InferenceResponse([
+                    pb_utils.Tensor("ERROR", np.array([text.encode()], dtype=object)),
+                    pb_utils.Tensor("Y", np.zeros_like(x))]))
+                continue
+            y = pb_utils.get_output_tensor_by_name(response, "OUTPUT0").as_numpy()
+            out.append(pb_utils.InferenceResponse([pb_utils.Tensor("Y", y),
+                                                   pb_utils.Tensor("ERROR", np.array([b""], dtype=object))]))
+        return out
+'''
+BLS_CONFIG = '''
+backend: "python"
+max_batch_size: 0
+input [ { name: "TARGET", data_type: TYPE_STRING, dims: [ 1 ] }, { name: "X", data_type: TYPE_FP32, dims: [ 1, 4 ] } ]
+output [ { name: "Y", data_type: TYPE_FP32, dims: [ 1, 4 ] }, { name: "ERROR", data_type: TYPE_STRING, dims: [ 1 ] } ]
+'''
+
+# Counts down through BLS calls to `CALLEE` (itself, or its partner): OUT = N. One instance each,
+# so every call finds the callee's only instance held by a caller that waits (lending.py).
+COUNTDOWN = '''
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+CALLEE = "{callee}"
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        out = []
+        for request in requests:
+            n = int(pb_utils.get_input_tensor_by_name(request, "N").as_numpy().reshape(-1)[0])
+            if n <= 0:
+                out.append(pb_utils.InferenceResponse([pb_utils.Tensor("OUT", np.array([0], np.int32))]))
+                continue
+            call = pb_utils.InferenceRequest(model_name=CALLEE, requested_output_names=["OUT"],
+                                             inputs=[pb_utils.Tensor("N", np.array([n - 1], np.int32))])
+            response = call.exec()
+            if response.has_error():
+                out.append(pb_utils.InferenceResponse(error=response.error()))
+                continue
+            below = pb_utils.get_output_tensor_by_name(response, "OUT").as_numpy()
+            out.append(pb_utils.InferenceResponse([pb_utils.Tensor("OUT", below + 1)]))
+        return out
+'''
+COUNTDOWN_CONFIG = ONE_INT_CONFIG + 'instance_group [ { count: 1, kind: KIND_CPU } ]\n'
+
+# Async BLS: awaits two async_exec calls to pyadd at once.
+ASYNC_BLS = '''
+import asyncio
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    async def execute(self, requests):
+        out = []
+        for request in requests:
+            x = pb_utils.get_input_tensor_by_name(request, "X").as_numpy()
+            calls = [pb_utils.InferenceRequest(model_name="pyadd", requested_output_names=[name],
+                                               inputs=[pb_utils.Tensor("INPUT0", x), pb_utils.Tensor("INPUT1", x)])
+                     .async_exec() for name in ("OUTPUT0", "OUTPUT1")]
+            plus, minus = await asyncio.gather(*calls)
+            y = pb_utils.get_output_tensor_by_name(plus, "OUTPUT0").as_numpy() + \\
+                pb_utils.get_output_tensor_by_name(minus, "OUTPUT1").as_numpy()
+            out.append(pb_utils.InferenceResponse([pb_utils.Tensor("Y", y)]))
+        return out
+'''
+ASYNC_BLS_CONFIG = '''
+backend: "python"
+max_batch_size: 0
+input [ { name: "X", data_type: TYPE_FP32, dims: [ 1, 4 ] } ]
+output [ { name: "Y", data_type: TYPE_FP32, dims: [ 1, 4 ] } ]
+'''
+
+# Ensemble steps: INT32 [16] in, INT32 [16] out.
+PLUS_ONE = '''
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        return [pb_utils.InferenceResponse([pb_utils.Tensor("OUT", pb_utils.get_input_tensor_by_name(r, "IN")
+                                                            .as_numpy() + 1)]) for r in requests]
+'''
+TIMES_TWO = PLUS_ONE.replace("+ 1", "* 2").replace(
+    "return [", "if any((pb_utils.get_input_tensor_by_name(r, 'IN').as_numpy() < 0).any() for r in requests):\n"
+    "            return [pb_utils.InferenceResponse(error=pb_utils.TritonError('negative input', "
+    "pb_utils.TritonError.INVALID_ARG)) for r in requests]\n        return [")
+STEP_CONFIG = '''
+backend: "python"
+max_batch_size: 8
+input [ { name: "IN", data_type: TYPE_INT32, dims: [ 16 ] } ]
+output [ { name: "OUT", data_type: TYPE_INT32, dims: [ 16 ] } ]
+dynamic_batching { }
+'''
+
+# Python -> ONNX add_sub -> Python: FINAL = 2 * ((A + 1) + B); SUM (the ONNX step's output) is an
+# ensemble output too, and also the last step's input.
+ENSEMBLE_CONFIG = '''
+platform: "ensemble"
+max_batch_size: 8
+input [ { name: "A", data_type: TYPE_INT32, dims: [ 16 ] }, { name: "B", data_type: TYPE_INT32, dims: [ 16 ] } ]
+output [ { name: "FINAL", data_type: TYPE_INT32, dims: [ 16 ] }, { name: "SUM", data_type: TYPE_INT32, dims: [ 16 ] } ]
+ensemble_scheduling {
+  step [
+    { model_name: "plus_one" model_version: -1
+      input_map { key: "IN" value: "A" } output_map { key: "OUT" value: "A1" } },
+    { model_name: "add_sub" model_version: -1
+      input_map { key: "INPUT0" value: "A1" } input_map { key: "INPUT1" value: "B" }
+      output_map { key: "OUTPUT0" value: "SUM" } },
+    { model_name: "times_two" model_version: -1
+      input_map { key: "IN" value: "SUM" } output_map { key: "OUT" value: "FINAL" } }
+  ]
+}
+'''
+
+
+def write(repo: Path, name: str, config: str, source: str | None = None) -> Path:
+    folder = repo / name
+    (folder / "1").mkdir(parents=True, exist_ok=True)
+    if config:
+        (folder / "config.pbtxt").write_text(config)
+    if source is not None:
+        (folder / "1" / "model.py").write_text(source)
+    return folder
