@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,8 +37,10 @@ from .model_config import (
 from .scheduler import (
     ENSEMBLE_PLATFORM,
     EnsemblePlan,
+    Outcome,
     Scheduler,
     StepRunner,
+    Work,
     ensemble_scheduler,
     scheduler_for,
 )
@@ -66,6 +68,11 @@ class ModelVersion:
     # The backend's own per-request check of input values (e.g. token ids within the vocabulary), run
     # before the request joins a batch so a bad one fails alone; raises InvalidArgument.
     check_inputs: Callable[[Mapping[str, np.ndarray]], None] | None = None
+    # the scheduler's `run`, when it can run a request in the caller's task (scheduler/base.py)
+    direct: Callable[[Work], Awaitable[Outcome]] | None = None
+
+    def __post_init__(self) -> None:
+        self.direct = getattr(self.scheduler, "run", None)
 
     async def close(self) -> None:
         """Finish what is queued and executing, then release the instances."""

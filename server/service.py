@@ -190,12 +190,15 @@ class InferenceService:
         try:
             call = self._prepare(mv, request, start)
             call.work.runner = runner
-            pending = mv.scheduler.enqueue(call.work)
-            try:
-                outcome = await pending.future
-            except asyncio.CancelledError:
-                mv.scheduler.withdraw(pending)
-                raise
+            if mv.direct is not None:  # an ensemble: its steps run from this task
+                outcome = await mv.direct(call.work)
+            else:
+                pending = mv.scheduler.enqueue(call.work)
+                try:
+                    outcome = await pending.future
+                except asyncio.CancelledError:
+                    mv.scheduler.withdraw(pending)
+                    raise
             response = self._complete(mv, request, call, outcome)
         except asyncio.CancelledError:  # the client went away
             mv.stats.record_failure(time.perf_counter_ns() - start, "CANCELED")

@@ -266,10 +266,23 @@ class TritonPythonModel:
         return [pb_utils.InferenceResponse([pb_utils.Tensor("OUT", pb_utils.get_input_tensor_by_name(r, "IN")
                                                             .as_numpy() + 1)]) for r in requests]
 '''
-TIMES_TWO = PLUS_ONE.replace("+ 1", "* 2").replace(
-    "return [", "if any((pb_utils.get_input_tensor_by_name(r, 'IN').as_numpy() < 0).any() for r in requests):\n"
-    "            return [pb_utils.InferenceResponse(error=pb_utils.TritonError('negative input', "
-    "pb_utils.TritonError.INVALID_ARG)) for r in requests]\n        return [")
+# *2, and an INVALID_ARG error for a request (only that one) with a negative input
+TIMES_TWO = '''
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        out = []
+        for r in requests:
+            x = pb_utils.get_input_tensor_by_name(r, "IN").as_numpy()
+            if (x < 0).any():
+                out.append(pb_utils.InferenceResponse(
+                    error=pb_utils.TritonError("negative input", pb_utils.TritonError.INVALID_ARG)))
+            else:
+                out.append(pb_utils.InferenceResponse([pb_utils.Tensor("OUT", x * 2)]))
+        return out
+'''
 STEP_CONFIG = '''
 backend: "python"
 max_batch_size: 8

@@ -76,6 +76,14 @@ class Scheduler(Protocol):
         ...
 
 
+class DirectScheduler(Scheduler, Protocol):
+    """A scheduler that executes nothing itself (an ensemble) may also run a request in the
+    caller's own task: `await run(work)`, the same as enqueue + await, without a task and a future
+    of its own. The service uses it when it has a task to give (`InferenceService.infer`)."""
+
+    async def run(self, work: Work) -> Outcome: ...
+
+
 # How an ensemble runs one step through the same core as a client request (the callee's checks,
 # scheduler and statistics): model name, version ("" for the latest), input tensors, the outputs it
 # wants, and the parent request's id and parameters -> the step's outputs. The service provides it.

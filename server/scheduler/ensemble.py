@@ -74,9 +74,28 @@ class EnsembleScheduler:
         loop = asyncio.get_running_loop()
         run = _Run(loop.create_future())
         run.task = loop.create_task(self._run(work, run.future))
+        return run
+
+    async def run(self, work: Work) -> Outcome:
+        """The same in the caller's task: no task or future of its own (see base.Scheduler.run)."""
         self.executing_requests += 1
         self._idle.clear()
-        return run
+        start = time.perf_counter_ns()
+        try:
+            return await self._steps(work, start)
+        except ServerError as exc:
+            raise with_prefix(exc, f"in ensemble '{self.name}', ") from None
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            raise BackendError(f"in ensemble '{self.name}', {type(exc).__name__}: {exc}") from exc
+        finally:
+            self._done_one()
+
+    def _done_one(self) -> None:
+        self.executing_requests -= 1
+        if self.executing_requests == 0:
+            self._idle.set()
 
     def withdraw(self, run: _Run) -> None:
         run.future.cancel()
@@ -87,23 +106,15 @@ class EnsembleScheduler:
         await self._idle.wait()
 
     async def _run(self, work: Work, future: asyncio.Future[Outcome]) -> None:
-        start = time.perf_counter_ns()
         try:
-            outcome = await self._steps(work, start)
+            outcome = await self.run(work)
             if not future.done():
                 future.set_result(outcome)
         except asyncio.CancelledError:
             future.cancel()
-        except ServerError as exc:
-            if not future.done():
-                future.set_exception(with_prefix(exc, f"in ensemble '{self.name}', "))
         except Exception as exc:
             if not future.done():
-                future.set_exception(BackendError(f"in ensemble '{self.name}', {type(exc).__name__}: {exc}"))
-        finally:
-            self.executing_requests -= 1
-            if self.executing_requests == 0:
-                self._idle.set()
+                future.set_exception(exc)
 
     async def _steps(self, work: Work, start: int) -> Outcome:
         schedule = self.plan.schedule(work.outputs)
