@@ -143,6 +143,7 @@ class InferenceService:
         self._idle = asyncio.Event()
         self._idle.set()
         repository.run_step = self.run_step  # how the repository's ensembles reach their steps
+        self._requested: dict[tuple[str, ...], list[RequestedOutput]] = {}  # a step's outputs, built once
 
     # ---- health and metadata -------------------------------------------------------------------
 
@@ -212,17 +213,45 @@ class InferenceService:
 
     async def run_step(self, model: str, version: str, feeds: dict[str, np.ndarray], outputs: tuple[str, ...],
                        request_id: str, parameters: Parameters) -> dict[str, np.ndarray]:
-        """An ensemble's step through the same core as a client request (the callee's checks,
-        scheduler and statistics); the step's inputs and outputs pass by reference."""
-        spec = self.repository.get(model, version).spec
+        """An ensemble's step through the same core as a client request: the callee's checks,
+        scheduler and statistics. The step's inputs and outputs pass by reference (no response
+        object is built for it)."""
+        mv = self.repository.get(model, version)
+        spec = mv.spec
         tensors = []
         for name, arr in feeds.items():
             ts = spec.input_index.get(name)
             tensors.append(Tensor(name, ts.datatype if ts is not None else "", arr.shape, arr))
-        request = InferRequest(model, version, tensors, [RequestedOutput(n) for n in outputs], request_id,
-                               dict(parameters))
-        response = await self.infer(request, internal=True)
-        return {t.name: t.data for t in response.outputs}
+        wanted = self._requested.get(outputs)
+        if wanted is None:
+            wanted = self._requested[outputs] = [RequestedOutput(n) for n in outputs]
+        request = InferRequest(model, version, tensors, wanted, request_id, parameters)
+        start = time.perf_counter_ns()
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            call = self._prepare(mv, request, start)
+            if mv.direct is not None:
+                outcome = await mv.direct(call.work)
+            else:
+                pending = mv.scheduler.enqueue(call.work)
+                try:
+                    outcome = await pending.future
+                except asyncio.CancelledError:
+                    mv.scheduler.withdraw(pending)
+                    raise
+            end = time.perf_counter_ns()
+            mv.stats.record_success(call.rows, end - start, outcome.queue_ns, call.prepared - start + outcome.input_ns,
+                                    outcome.infer_ns, outcome.output_ns)
+            return outcome.outputs
+        except asyncio.CancelledError:
+            mv.stats.record_failure(time.perf_counter_ns() - start, "CANCELED")
+            raise
+        except Exception as exc:
+            mv.stats.record_failure(time.perf_counter_ns() - start, _failure_reason(exc))
+            raise
+        finally:
+            self._leave()
 
     def submit(self, request: InferRequest,
                reply: Callable[[InferResponse | None, BaseException | None], None]) -> Callable[[], None]:

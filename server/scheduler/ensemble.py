@@ -20,10 +20,29 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import BackendError, ServerError, with_prefix
-from ..model_config import ModelSpec, TensorSpec
+from ..model_config import ModelSpec
 from ..stats import ModelStats
 from .base import Outcome, StepRunner, Work
-from .ensemble_plan import EnsemblePlan, Step
+from .ensemble_plan import EnsemblePlan
+
+
+@dataclass(frozen=True, slots=True)
+class _StepPlan:
+    """One step, resolved for the hot path: what it reads (and whether a tensor needs Triton's
+    batch-dim reshape on the way: the `_fit` arguments, else None), what it writes, its model."""
+
+    index: int
+    model: str
+    version: str  # "" for the latest
+    inputs: tuple[tuple[str, str, tuple[tuple[int, ...], bool, bool] | None], ...]  # model input, tensor, fit
+    outputs: tuple[tuple[str, str], ...]  # model output, ensemble tensor
+    wanted: tuple[str, ...]  # the model outputs it asks for
+
+
+@dataclass(frozen=True, slots=True)
+class _Waves:
+    waves: tuple[tuple[_StepPlan, ...], ...]
+    release: dict[int, tuple[str, ...]]  # step index -> tensors nobody reads after it
 
 
 @dataclass(slots=True, eq=False)
@@ -53,18 +72,27 @@ class EnsembleScheduler:
         self.executing_requests = 0
         self._idle = asyncio.Event()
         self._idle.set()
-        # per step: (model input, ensemble tensor, the input's spec) and whether the step batches;
-        # where each ensemble tensor comes from batches or not (the ensemble's inputs: as it does)
-        self._inputs: dict[int, tuple[tuple[str, str, TensorSpec], ...]] = {}
-        self._step_batching: dict[int, bool] = {}
-        self._from_batching: dict[str, bool] = dict.fromkeys(plan.inputs, self.batching)
+        # whether each ensemble tensor comes from a batching side (the ensemble's inputs: as it does);
+        # where a consumer batches differently, the tensor gets Triton's reshape on the way (_fit)
+        from_batching: dict[str, bool] = dict.fromkeys(plan.inputs, self.batching)
+        for step in plan.steps:
+            for tensor in step.outputs.values():
+                from_batching[tensor] = steps[step.index].max_batch_size > 0
+
+        def fit(dims: tuple[int, ...], batching: bool, tensor: str) -> tuple[tuple[int, ...], bool, bool] | None:
+            source = from_batching.get(tensor, self.batching)
+            return None if source == batching else (dims, batching, source)
+
+        self._step_plans: dict[int, _StepPlan] = {}
         for step in plan.steps:
             callee = steps[step.index]
-            self._step_batching[step.index] = callee.max_batch_size > 0
-            self._inputs[step.index] = tuple((m, e, callee.input_index[m]) for m, e in step.inputs.items())
-            for ensemble_tensor in step.outputs.values():
-                self._from_batching[ensemble_tensor] = callee.max_batch_size > 0
-        self._outputs = {t.name: t for t in spec.outputs}
+            batching = callee.max_batch_size > 0
+            self._step_plans[step.index] = _StepPlan(
+                step.index, step.model_name, "" if step.model_version < 0 else str(step.model_version),
+                tuple((m, t, fit(callee.input_index[m].dims, batching, t)) for m, t in step.inputs.items()),
+                tuple(step.outputs.items()), tuple(step.outputs))
+        self._output_fit = {t.name: f for t in spec.outputs if (f := fit(t.dims, self.batching, t.name)) is not None}
+        self._wave_cache: dict[frozenset[str], _Waves] = {}
 
     @property
     def queued(self) -> int:
@@ -116,47 +144,62 @@ class EnsembleScheduler:
             if not future.done():
                 future.set_exception(exc)
 
+    def _waves(self, outputs: tuple[str, ...]) -> _Waves:
+        """The steps `outputs` need, grouped into waves: each wave's steps read only what earlier
+        waves (or the request) wrote, so they run together. Cached per set of outputs."""
+        key = frozenset(outputs)
+        hit = self._wave_cache.get(key)
+        if hit is not None:
+            return hit
+        schedule = self.plan.schedule(outputs)
+        level: dict[int, int] = {}
+        for step in schedule.steps:  # topological: a producer's level is known before its readers'
+            level[step.index] = 1 + max((level[self.plan.producer[t]] for t in step.consumes
+                                         if t in self.plan.producer and self.plan.producer[t] in level), default=-1)
+        waves: list[list[_StepPlan]] = [[] for _ in range(1 + max(level.values(), default=-1))]
+        for step in schedule.steps:
+            waves[level[step.index]].append(self._step_plans[step.index])
+        hit = self._wave_cache[key] = _Waves(tuple(tuple(w) for w in waves),
+                                             {i: t for i, t in schedule.release_after.items() if t})
+        return hit
+
     async def _steps(self, work: Work, start: int) -> Outcome:
-        schedule = self.plan.schedule(work.outputs)
+        plan = self._waves(work.outputs)
         tensors: dict[str, np.ndarray] = dict(work.feeds)
-        absent = self.plan.optional_inputs - tensors.keys()  # optional inputs not sent stay absent
-        waiting = list(schedule.steps)
-        while waiting:
-            ready = [s for s in waiting if all(t in tensors or t in absent for t in s.consumes)]
-            if not ready:  # cannot happen for a plan that loaded: every tensor read has a writer
-                raise BackendError(f"ensemble '{self.name}' has steps whose inputs never arrive")
-            if len(ready) == 1:
-                results = [await self._step(ready[0], tensors, work)]
+        for wave in plan.waves:
+            if len(wave) == 1:
+                step = wave[0]
+                results = [await self._step(step, tensors, work)]
             else:
-                tasks = [asyncio.ensure_future(self._step(s, tensors, work)) for s in ready]
+                tasks = [asyncio.ensure_future(self._step(s, tensors, work)) for s in wave]
                 try:
                     results = await asyncio.gather(*tasks)
                 except BaseException:
                     for t in tasks:
                         t.cancel()
                     raise
-            for step, produced in zip(ready, results, strict=True):
-                for model_output, tensor in step.outputs.items():
-                    if model_output in produced:
-                        tensors[tensor] = produced[model_output]
-                    else:
-                        absent = absent | {tensor}
-                for tensor in schedule.release_after.get(step.index, ()):
+            for step, produced in zip(wave, results, strict=True):
+                for model_output, tensor in step.outputs:
+                    arr = produced.get(model_output)
+                    if arr is not None:  # a missing output reads as an absent (optional) input
+                        tensors[tensor] = arr
+                for tensor in plan.release.get(step.index, ()):
                     tensors.pop(tensor, None)
-            waiting = [s for s in waiting if s not in ready]
         outputs: dict[str, np.ndarray] = {}
         for name in work.outputs:
-            if name not in tensors:
+            arr = tensors.get(name)
+            if arr is None:
                 raise BackendError(f"ensemble '{self.name}': no step produced output '{name}'")
-            spec = self._outputs[name]
-            outputs[name] = _fit(tensors[name], spec.dims, self.batching, self._from_batching.get(name, self.batching))
+            fit = self._output_fit.get(name)
+            outputs[name] = arr if fit is None else _fit(arr, *fit)
         elapsed = time.perf_counter_ns() - start
         self.stats.record_execution(work.rows, 0, elapsed, 0)
         return Outcome(outputs, 0, 0, elapsed, 0)
 
-    async def _step(self, step: Step, tensors: dict[str, np.ndarray], work: Work) -> dict[str, np.ndarray]:
-        batching = self._step_batching[step.index]
-        feeds = {model_input: _fit(tensors[tensor], spec.dims, batching, self._from_batching.get(tensor, self.batching))
-                 for model_input, tensor, spec in self._inputs[step.index] if tensor in tensors}
-        version = "" if step.model_version < 0 else str(step.model_version)
-        return await self.run_step(step.model_name, version, feeds, tuple(step.outputs), work.id, work.parameters)
+    async def _step(self, step: _StepPlan, tensors: dict[str, np.ndarray], work: Work) -> dict[str, np.ndarray]:
+        feeds = {}
+        for model_input, tensor, fit in step.inputs:
+            arr = tensors.get(tensor)
+            if arr is not None:
+                feeds[model_input] = arr if fit is None else _fit(arr, *fit)
+        return await self.run_step(step.model, step.version, feeds, step.wanted, work.id, work.parameters)
