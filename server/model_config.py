@@ -15,6 +15,7 @@ from types import MappingProxyType
 from typing import Any
 
 from google.protobuf import json_format, text_format
+from google.protobuf.descriptor import FieldDescriptor
 
 from . import dtypes
 from ._proto import model_config_pb2 as mc
@@ -308,10 +309,42 @@ def build_spec(config: ModelConfig, backend: str, instances: tuple[InstanceSpec,
     )
 
 
+_INT64 = frozenset((FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_SINT64,
+                    FieldDescriptor.TYPE_FIXED64, FieldDescriptor.TYPE_SFIXED64))
+
+
+def _int64_numbers(value: dict, descriptor: Any) -> None:
+    """protobuf's JSON writes 64-bit integers as strings; Triton's config JSON has numbers
+    (`"dims": [4]`), and clients compare them so (Triton's auto_complete example does)."""
+    for name, v in value.items():
+        field = descriptor.fields_by_name.get(name)
+        if field is None:
+            continue
+        sub = field.message_type
+        if sub is not None:
+            if sub.GetOptions().map_entry:
+                inner = sub.fields_by_name["value"]
+                if inner.message_type is not None:
+                    for item in v.values():
+                        _int64_numbers(item, inner.message_type)
+                elif inner.type in _INT64:
+                    value[name] = {k: int(x) for k, x in v.items()}
+            elif isinstance(v, list):
+                for item in v:
+                    _int64_numbers(item, sub)
+            else:
+                _int64_numbers(v, sub)
+        elif field.type in _INT64:
+            value[name] = [int(x) for x in v] if isinstance(v, list) else int(v)
+
+
 def config_to_json(config: ModelConfig) -> dict:
-    """Triton's JSON form of a ModelConfig (field names as in the .proto, defaults included)."""
-    return json_format.MessageToDict(config, preserving_proto_field_name=True,
-                                     always_print_fields_with_no_presence=True)
+    """Triton's JSON form of a ModelConfig (field names as in the .proto, defaults included, 64-bit
+    integers as numbers)."""
+    out = json_format.MessageToDict(config, preserving_proto_field_name=True,
+                                    always_print_fields_with_no_presence=True)
+    _int64_numbers(out, ModelConfig.DESCRIPTOR)
+    return out
 
 
 # What fuserve implements of ModelConfig. Any other field set in a config fails the load naming it:

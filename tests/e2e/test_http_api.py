@@ -70,7 +70,7 @@ def test_model_ready_and_metadata(client):
 def test_model_config_is_tritons_json_form(client):
     cfg = client.get_model_config("add_sub")
     assert cfg["name"] == "add_sub" and cfg["max_batch_size"] == 8
-    assert cfg["input"][0]["data_type"] == "TYPE_INT32" and cfg["input"][0]["dims"] == ["16"]
+    assert cfg["input"][0]["data_type"] == "TYPE_INT32" and cfg["input"][0]["dims"] == [16]  # numbers, as Triton 2.51 writes them
     assert cfg["parameters"]["fuserve_execution_providers"]["string_value"] == "CPUExecutionProvider"
 
 
@@ -202,8 +202,8 @@ def test_non_batching_model(client):
 def test_autocompleted_config(client):
     cfg = client.get_model_config("identity_fp32")
     assert cfg["max_batch_size"] == 4  # Triton's default-max-batch-size for a batchable model
-    assert [(i["name"], i["data_type"], i["dims"]) for i in cfg["input"]] == [("IN_FP32", "TYPE_FP32", ["-1"])]
-    assert [(o["name"], o["data_type"], o["dims"]) for o in cfg["output"]] == [("OUT_FP32", "TYPE_FP32", ["-1"])]
+    assert [(i["name"], i["data_type"], i["dims"]) for i in cfg["input"]] == [("IN_FP32", "TYPE_FP32", [-1])]
+    assert [(o["name"], o["data_type"], o["dims"]) for o in cfg["output"]] == [("OUT_FP32", "TYPE_FP32", [-1])]
     assert cfg["backend"] == "onnxruntime"
 
 

@@ -291,3 +291,18 @@ def test_bls_from_the_event_loop_thread_is_an_error_not_a_hang():
     assert response.has_error() and "event loop" in response.error().message()
     assert took < 1.0
     assert threading.active_count() >= 1
+
+
+def test_python_models_and_bls_behind_frontend_workers(start_server, repo):
+    """With --frontend-workers the models run in the scheduler process; a worker forwards the
+    decoded requests to it, and BLS calls are answered there."""
+    workers = start_server(repo, "--frontend-workers", "1", "--model-control-mode", "explicit",
+                           "--load-model", "pyadd", "--load-model", "bls")
+    try:
+        for protocol in ("http", "grpc"):
+            _good_add(protocol, workers)
+            y, error = _bls(workers, "pyadd", protocol)
+            assert error == ""
+            np.testing.assert_array_equal(y, 2 * np.arange(4, dtype=np.float32).reshape(1, 4))
+    finally:
+        workers.stop()

@@ -35,24 +35,9 @@ from .pb_model_config import _auto_complete
 log = logging.getLogger(__name__)
 
 _loads = itertools.count()  # each import of a model.py gets its own module name
-# int64 fields, which protobuf's JSON writes as strings; Triton hands auto_complete_config numbers
-_INT64_KEYS = frozenset(("dims", "shape", "max_queue_delay_microseconds", "default_timeout_microseconds",
-                         "versions", "model_version"))
-
-
-def _numbers(value: Any, key: str = "") -> Any:
-    if isinstance(value, dict):
-        return {k: _numbers(v, k) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_numbers(v, key) for v in value]
-    if key in _INT64_KEYS and isinstance(value, str) and value.lstrip("-").isdigit():
-        return int(value)
-    return value
-
-
 def config_dict(config: ModelConfig) -> dict[str, Any]:
     """The config as Triton gives it to a Python model: its JSON form, numbers as numbers."""
-    return _numbers(config_to_json(config))
+    return config_to_json(config)
 
 
 def _import(path: Path, tag: str) -> ModuleType:
