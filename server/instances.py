@@ -3,13 +3,20 @@
 Each instance executes one batch at a time on a thread of this pool, so a slow model never blocks
 the event loop and `instance_group { count: N }` gives N executions in flight. The batcher takes a
 free instance, runs work on it, and gives it back; nothing here queues requests.
+
+The threads are N plain threads reading one `queue.SimpleQueue`, answering with one
+`call_soon_threadsafe`: a round trip from the event loop to a thread and back costs ~17 us here
+against ~40 us through `loop.run_in_executor` and a ThreadPoolExecutor (its work item, its
+concurrent Future, and the chaining of that future to an asyncio one).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import queue
+import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from .backends.base import Instance
@@ -21,7 +28,12 @@ class InstancePool:
     def __init__(self, name: str, instances: Sequence[Instance]) -> None:
         self._instances = list(instances)
         self._free = list(reversed(instances))
-        self._executor = ThreadPoolExecutor(max_workers=len(instances), thread_name_prefix=f"model-{name}")
+        self._jobs: queue.SimpleQueue[tuple[asyncio.AbstractEventLoop, asyncio.Future, Callable[..., Any],
+                                            tuple[Any, ...]] | None] = queue.SimpleQueue()
+        self._threads = [threading.Thread(target=self._work, name=f"model-{name}_{i}", daemon=True)
+                         for i in range(len(instances))]
+        for thread in self._threads:
+            thread.start()
         self._all_free = asyncio.Event()
         self._all_free.set()
 
@@ -53,11 +65,36 @@ class InstancePool:
 
     def run(self, loop: asyncio.AbstractEventLoop, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
         """Run `fn(*args)` on a worker thread; the caller holds the instance it uses."""
-        return loop.run_in_executor(self._executor, fn, *args)
+        future: asyncio.Future[T] = loop.create_future()
+        self._jobs.put((loop, future, fn, args))
+        return future
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            loop, future, fn, args = job
+            try:
+                result, error = fn(*args), None
+            except BaseException as exc:
+                result, error = None, exc
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits for the answer
+                loop.call_soon_threadsafe(settle, future, result, error)
 
     async def close(self) -> None:
         """Wait for executions in flight, then release the instances."""
         await self._all_free.wait()
-        self._executor.shutdown(wait=True)
-        for instance in self._instances:
-            instance.close()
+        for _ in self._threads:
+            self._jobs.put(None)
+        for thread in self._threads:
+            await asyncio.to_thread(thread.join)
+        for instance in self._instances:  # off the loop: a Python model's finalize() may block
+            await asyncio.to_thread(instance.close)
+
+
+def settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    """Answer `future` (on its loop's thread) unless it was cancelled meanwhile."""
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)

@@ -31,6 +31,8 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
+from ..instances import settle
+
 # runner(fn, *args), called on the event loop: runs fn(*args) on the BLS caller's thread and
 # returns a future (of the event loop) for its result
 Runner = Callable[..., "asyncio.Future[Any]"]
@@ -60,15 +62,6 @@ def holding(lender: Lender, instance: Any) -> Iterator[None]:
         yield
     finally:
         _local.slot = previous
-
-
-def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
-    if future.done():
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)
 
 
 class Waiter:
@@ -101,7 +94,7 @@ class Waiter:
                 result, error = fn(*args), None
             except BaseException as exc:  # the scheduler's own done-callback reports it
                 result, error = None, exc
-            self.loop.call_soon_threadsafe(_settle, future, result, error)
+            self.loop.call_soon_threadsafe(settle, future, result, error)
 
 
 class AsyncWaiter:
@@ -120,7 +113,7 @@ class AsyncWaiter:
                 result, error = fn(*args), None
             except BaseException as exc:
                 result, error = None, exc
-            self.loop.call_soon_threadsafe(_settle, future, result, error)
+            self.loop.call_soon_threadsafe(settle, future, result, error)
 
         self.model_loop.call_soon_threadsafe(run)
         return future
