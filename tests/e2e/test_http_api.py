@@ -70,7 +70,8 @@ def test_model_ready_and_metadata(client):
 def test_model_config_is_tritons_json_form(client):
     cfg = client.get_model_config("add_sub")
     assert cfg["name"] == "add_sub" and cfg["max_batch_size"] == 8
-    assert cfg["input"][0]["data_type"] == "TYPE_INT32" and cfg["input"][0]["dims"] == [16]  # numbers, as Triton 2.51 writes them
+    # dims are numbers, as Triton 2.51 writes them
+    assert cfg["input"][0]["data_type"] == "TYPE_INT32" and cfg["input"][0]["dims"] == [16]
     assert cfg["parameters"]["fuserve_execution_providers"]["string_value"] == "CPUExecutionProvider"
 
 

@@ -28,7 +28,7 @@ from ...model_config import (
     parse_config_json,
     refuse_unimplemented,
 )
-from ..base import Request, RequestResult
+from ..base import Instance, Request, RequestResult
 from . import pb_utils
 from .pb_model_config import _auto_complete
 
@@ -241,8 +241,9 @@ class PythonBackend:
         refuse_unimplemented(completed, f"{where} (as auto_complete_config left it)")
         return completed
 
-    def create_instance(self, model_path: Path, config: ModelConfig, instance: InstanceSpec) -> PythonInstance:
-        return PythonInstance(model_path, config, instance)
+    def create_instance(self, model_path: Path, config: ModelConfig, instance: InstanceSpec) -> Instance:
+        from .isolated import IsolatedInstance, wanted  # isolated.py imports this module
+        return (IsolatedInstance if wanted(config) else PythonInstance)(model_path, config, instance)
 
 
 FACTORY = PythonBackend()
