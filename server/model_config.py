@@ -357,9 +357,9 @@ _TOP_LEVEL = frozenset((
 _INPUT = frozenset(("name", "data_type", "dims", "reshape", "optional"))
 _OUTPUT = frozenset(("name", "data_type", "dims", "reshape"))
 _INSTANCE_GROUP = frozenset(("name", "kind", "count", "gpus"))
-# priority and the pinned-memory switches are Triton's GPU-memory hints: accepted, and no-ops here
-_OPTIMIZATION = frozenset(("graph", "execution_accelerators", "priority", "input_pinned_memory",
-                           "output_pinned_memory"))
+# the pinned-memory switches are Triton's GPU-memory hints, which change no answer: accepted, no-ops
+# here. A non-default `priority` (rate limiting) is refused: PRIORITY_DEFAULT is never listed as set.
+_OPTIMIZATION = frozenset(("graph", "execution_accelerators", "input_pinned_memory", "output_pinned_memory"))
 _STEP = frozenset(("model_name", "model_version", "input_map", "output_map"))
 # parameters some Triton backends read that fuserve does not implement
 _REFUSED_PARAMETERS = {

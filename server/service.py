@@ -12,6 +12,7 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -185,31 +186,7 @@ class InferenceService:
         a BLS request), which is answered while the server drains, since its caller was accepted.
         `runner`: a BLS caller's, through which an instance lent to this request runs on its thread."""
         mv = self.repository.get(request.model_name, request.model_version) if internal else self._admit(request)
-        start = time.perf_counter_ns()
-        self._in_flight += 1
-        self._idle.clear()
-        try:
-            call = self._prepare(mv, request, start)
-            call.work.runner = runner
-            if mv.direct is not None:  # an ensemble: its steps run from this task
-                outcome = await mv.direct(call.work)
-            else:
-                pending = mv.scheduler.enqueue(call.work)
-                try:
-                    outcome = await pending.future
-                except asyncio.CancelledError:
-                    mv.scheduler.withdraw(pending)
-                    raise
-            response = self._complete(mv, request, call, outcome)
-        except asyncio.CancelledError:  # the client went away
-            mv.stats.record_failure(time.perf_counter_ns() - start, "CANCELED")
-            raise
-        except Exception as exc:
-            mv.stats.record_failure(time.perf_counter_ns() - start, _failure_reason(exc))
-            raise
-        finally:
-            self._leave()
-        return response
+        return await self._through_core(mv, request, runner, respond=True)
 
     async def run_step(self, model: str, version: str, feeds: dict[str, np.ndarray], outputs: tuple[str, ...],
                        request_id: str, parameters: Parameters) -> dict[str, np.ndarray]:
@@ -226,12 +203,18 @@ class InferenceService:
         if wanted is None:
             wanted = self._requested[outputs] = [RequestedOutput(n) for n in outputs]
         request = InferRequest(model, version, tensors, wanted, request_id, parameters)
+        return await self._through_core(mv, request, None, respond=False)
+
+    async def _through_core(self, mv: ModelVersion, request: InferRequest, runner: Runner | None,
+                            respond: bool) -> Any:
+        """Checks -> the model's scheduler -> statistics; the response (`respond`), else the outputs."""
         start = time.perf_counter_ns()
         self._in_flight += 1
         self._idle.clear()
         try:
             call = self._prepare(mv, request, start)
-            if mv.direct is not None:
+            call.work.runner = runner
+            if mv.direct is not None:  # an ensemble: its steps run from this task
                 outcome = await mv.direct(call.work)
             else:
                 pending = mv.scheduler.enqueue(call.work)
@@ -240,11 +223,11 @@ class InferenceService:
                 except asyncio.CancelledError:
                     mv.scheduler.withdraw(pending)
                     raise
-            end = time.perf_counter_ns()
-            mv.stats.record_success(call.rows, end - start, outcome.queue_ns, call.prepared - start + outcome.input_ns,
-                                    outcome.infer_ns, outcome.output_ns)
+            if respond:
+                return self._complete(mv, request, call, outcome)
+            self._record(mv, call, outcome, time.perf_counter_ns())
             return outcome.outputs
-        except asyncio.CancelledError:
+        except asyncio.CancelledError:  # the client went away
             mv.stats.record_failure(time.perf_counter_ns() - start, "CANCELED")
             raise
         except Exception as exc:
@@ -327,12 +310,16 @@ class InferenceService:
         index = mv.spec.output_index
         outputs = [Tensor(name, index[name].datatype, (arr := outcome.outputs[name]).shape, arr)
                    for name in call.names]
+        self._record(mv, call, outcome, collected)
+        return InferResponse(model_name=mv.spec.name, model_version=str(mv.version), outputs=outputs, id=request.id)
+
+    def _record(self, mv: ModelVersion, call: _Call, outcome: Outcome, collected: int) -> None:
+        """A success in the model's statistics; `collected`: when the outcome was taken up."""
         end = time.perf_counter_ns()
         # Triton's split: compute_input covers our checks and the batch's concatenation, and so on.
         mv.stats.record_success(call.rows, end - call.start, outcome.queue_ns,
                                 call.prepared - call.start + outcome.input_ns, outcome.infer_ns,
                                 outcome.output_ns + end - collected)
-        return InferResponse(model_name=mv.spec.name, model_version=str(mv.version), outputs=outputs, id=request.id)
 
     def statistics(self, name: str = "", version: str = "") -> dict:
         """The statistics extension: every ready version, one model, or one version of it."""

@@ -151,6 +151,7 @@ def test_parse_config_json():
      "output[0] 'y'.label_filename"),
     ("instance_group [ { count: 1 rate_limiter { priority: 1 } } ]", "instance_group[0].rate_limiter"),
     ("response_cache { enable: true }", "response_cache"),
+    ("optimization { priority: PRIORITY_MAX }", "optimization.priority"),
     ('model_warmup [ { name: "w" } ]', "model_warmup"),
     ('parameters { key: "EXECUTION_ENV_PATH" value: { string_value: "env.tar.gz" } }',
      "parameters 'EXECUTION_ENV_PATH'"),

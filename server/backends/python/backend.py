@@ -35,11 +35,6 @@ from .pb_model_config import _auto_complete
 log = logging.getLogger(__name__)
 
 _loads = itertools.count()  # each import of a model.py gets its own module name
-def config_dict(config: ModelConfig) -> dict[str, Any]:
-    """The config as Triton gives it to a Python model: its JSON form, numbers as numbers."""
-    return config_to_json(config)
-
-
 def _import(path: Path, tag: str) -> ModuleType:
     """Import `path` under a module name of its own. Its directory is on sys.path (at the end, so
     it shadows nothing) only while it is imported, for the sibling modules it imports."""
@@ -230,7 +225,7 @@ class PythonBackend:
                 return config
             with pb_utils._model_dir_scope(model_path.parent):
                 try:
-                    done = _auto_complete(cls, config_dict(config), config.name)
+                    done = _auto_complete(cls, config_to_json(config), config.name)
                 except Exception as exc:
                     raise ModelLoadError(f"{model_path}: auto_complete_config() failed: {type(exc).__name__}: "
                                          f"{exc}") from exc
