@@ -9,7 +9,11 @@ callgrind twice, answering h2load's lone stream (one connection, one call at a t
 and then `--large` calls; the difference of the two totals over the difference of the counts is
 the per-call cost, start-up and shutdown cancelling out. `floor` is the canned-reply transport of
 `transport_floors.py ours-grpc`; `add_sub` is `fuserve serve` with add_sub (dynamic batching, one
-onnxruntime thread). Needs valgrind and h2load; takes a few minutes (valgrind is ~50x slower).
+onnxruntime thread); `py_add_sub` is the same model run by onnxruntime inside a Python model
+(execute() concatenates the batch, runs it once and splits it, as the peers harness's model.py does).
+`--concurrency N` keeps N calls outstanding (h2load: up to 8 connections, the rest as streams), so
+the Python-model and batching paths are counted with full batches. Needs valgrind and h2load;
+takes a few minutes (valgrind is ~50x slower).
 """
 
 from __future__ import annotations
@@ -42,10 +46,41 @@ parameters { key: "intra_op_thread_count" value: { string_value: "1" } }
 """
 
 
-def _repository() -> Path:
+PY_MODEL = """import numpy as np
+import onnxruntime as ort
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = so.inter_op_num_threads = 1
+        self.sess = ort.InferenceSession(args["model_repository"] + "/1/model.onnx", so,
+                                         providers=["CPUExecutionProvider"])
+        self.names = [i.name for i in self.sess.get_inputs()]
+        self.outs = [o.name for o in self.sess.get_outputs()]
+
+    def execute(self, requests):
+        per = [[pb_utils.get_input_tensor_by_name(r, n).as_numpy() for n in self.names] for r in requests]
+        rows = [p[0].shape[0] for p in per]
+        feeds = {n: np.concatenate([p[i] for p in per]) for i, n in enumerate(self.names)}
+        results = self.sess.run(self.outs, feeds)
+        bounds = np.cumsum(rows)[:-1]
+        split = [np.split(r, bounds) for r in results]
+        return [pb_utils.InferenceResponse([pb_utils.Tensor(n, split[j][i]) for j, n in enumerate(self.outs)])
+                for i in range(len(requests))]
+"""
+
+
+def _repository(target: str) -> Path:
     repo = Path(tempfile.mkdtemp()) / "repo"
     (repo / "add_sub" / "1").mkdir(parents=True)
-    (repo / "add_sub" / "config.pbtxt").write_text(CONFIG)
+    config = CONFIG
+    if target == "py_add_sub":
+        config = config.replace('platform: "onnxruntime_onnx"', 'backend: "python"').replace(
+            'parameters { key: "intra_op_thread_count" value: { string_value: "1" } }\n', "")
+        (repo / "add_sub" / "1" / "model.py").write_text(PY_MODEL)
+    (repo / "add_sub" / "config.pbtxt").write_text(config)
     (repo / "add_sub" / "1" / "model.onnx").write_bytes((ROOT / "model_repo/add_sub/1/model.onnx").read_bytes())
     return repo
 
@@ -64,7 +99,7 @@ def _wait_ready(target: str, port: int, http_port: int, deadline: float) -> None
     raise SystemExit("the server under valgrind did not become ready in time")
 
 
-def total(tree: Path, target: str, calls: int, body: Path, repo: Path) -> int:
+def total(tree: Path, target: str, calls: int, body: Path, repo: Path, concurrency: int = 1) -> int:
     port, http_port, metrics_port = _free_port(), _free_port(), _free_port()
     out = Path(tempfile.mkdtemp()) / "callgrind.out"
     if target == "floor":
@@ -76,7 +111,9 @@ def total(tree: Path, target: str, calls: int, body: Path, repo: Path) -> int:
                               env={**os.environ, "PYTHONPATH": str(tree)}, stderr=subprocess.PIPE, text=True)
     try:
         _wait_ready(target, port, http_port, time.monotonic() + 300)
-        subprocess.run(["h2load", "-n", str(calls), "-c", "1", "-m", "1", f"--data={body}",
+        conns = min(concurrency, 8)
+        subprocess.run(["h2load", "-n", str(calls), "-c", str(conns), "-m", str(-(-concurrency // conns)),
+                        f"--data={body}",
                         "-H", "content-type: application/grpc", "-H", "te: trailers",
                         f"http://127.0.0.1:{port}/inference.GRPCInferenceService/ModelInfer"],
                        check=True, capture_output=True, timeout=600)
@@ -96,15 +133,16 @@ def total(tree: Path, target: str, calls: int, body: Path, repo: Path) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--trees", nargs="+", type=Path, required=True)
-    ap.add_argument("--target", choices=("floor", "add_sub"), default="floor")
+    ap.add_argument("--target", choices=("floor", "add_sub", "py_add_sub"), default="floor")
     ap.add_argument("--small", type=int, default=500)
     ap.add_argument("--large", type=int, default=2500)
+    ap.add_argument("--concurrency", type=int, default=1, help="calls outstanding at once (default 1)")
     args = ap.parse_args()
-    body, repo = _request_file(), _repository()
+    body, repo = _request_file(), _repository(args.target)
     for tree in args.trees:
         tree = tree.resolve()
-        small = total(tree, args.target, args.small, body, repo)
-        large = total(tree, args.target, args.large, body, repo)
+        small = total(tree, args.target, args.small, body, repo, args.concurrency)
+        large = total(tree, args.target, args.large, body, repo, args.concurrency)
         print(f"{tree}: {(large - small) / (args.large - args.small):,.0f} instructions per {args.target} call")
 
 

@@ -10,19 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import cast
 
 import numpy as np
 
 from . import __version__
 from .errors import BackendError, InvalidArgument, Rejected, Unavailable, Unsupported
-from .model_config import ModelConfig, ModelSpec
+from .model_config import ModelConfig, ModelSpec, TensorSpec
 from .repository import ModelVersion, Repository
 from .scheduler import Outcome, Work
 from .scheduler.lending import Runner
-from .types import InferRequest, InferResponse, Parameters, RequestedOutput, Tensor
+from .types import InferRequest, InferResponse, Parameters, Tensor
 
 
 @dataclass(slots=True)
@@ -30,7 +30,7 @@ class _Call:
     """One request between its checks and its answer."""
 
     work: Work
-    names: list[str]
+    names: Sequence[str]
     rows: int
     start: int  # perf_counter_ns
     prepared: int
@@ -56,7 +56,6 @@ class ModelMetadata:
 
 
 def _check_inputs(spec: ModelSpec, request: InferRequest) -> dict[str, np.ndarray]:
-    """Validate the request's tensors against the model; return the feeds the backend gets."""
     feeds: dict[str, np.ndarray] = {}
     batch = -1
     for t in request.inputs:
@@ -69,38 +68,72 @@ def _check_inputs(spec: ModelSpec, request: InferRequest) -> dict[str, np.ndarra
         if t.datatype != ts.dtype.v2:
             raise InvalidArgument(f"input '{t.name}' has datatype {t.datatype}, model '{spec.name}' "
                                   f"expects {ts.dtype.v2}")
-        shape = t.shape
-        dims = shape
-        if spec.max_batch_size > 0:
-            if len(shape) != len(ts.dims) + 1:
-                raise InvalidArgument(f"input '{t.name}' has shape {list(shape)}; model '{spec.name}' "
-                                      f"expects {[-1, *ts.dims]} (batch dim first)")
-            if shape[0] < 1 or shape[0] > spec.max_batch_size:
-                raise InvalidArgument(f"input '{t.name}' has batch size {shape[0]}; model '{spec.name}' accepts "
-                                      f"1 to {spec.max_batch_size} (max_batch_size)")
-            if batch == -1:
-                batch = shape[0]
-            elif shape[0] != batch:
-                raise InvalidArgument(f"input '{t.name}' has batch size {shape[0]}, other inputs have {batch}")
-            dims = shape[1:]
-        if dims != ts.dims and (len(dims) != len(ts.dims) or not ts.variable or
-                                any(w != -1 and g != w for g, w in zip(dims, ts.dims, strict=True))):
-            expected = [-1, *ts.dims] if spec.max_batch_size > 0 else list(ts.dims)
-            raise InvalidArgument(f"input '{t.name}' has shape {list(shape)}; model '{spec.name}' expects "
-                                  f"{expected}")
-        data = t.data
-        if ts.reshape is not None:
-            data = data.reshape((shape[0], *ts.reshape) if spec.max_batch_size > 0 else ts.reshape)
-        feeds[t.name] = data
+        feeds[t.name], batch = _check_shape(spec, ts, t.shape, t.data, batch)
+    if len(feeds) != len(spec.inputs):  # (every name in feeds is one of the model's, once)
+        _check_missing(spec, feeds)
+    return feeds
+
+
+def _check_step_feeds(spec: ModelSpec, given: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`_check_inputs` for an ensemble's step: the tensors come from the ensemble's request or an
+    earlier step, by name; their datatypes were matched to this model's when the ensemble loaded
+    (ensemble_plan.py), so what is left to check is the shapes, as for a client's request."""
+    feeds: dict[str, np.ndarray] = {}
+    batch = -1
+    for name, data in given.items():
+        ts = spec.input_index.get(name)
+        if ts is None:
+            raise InvalidArgument(f"unexpected input '{name}' for model '{spec.name}' "
+                                  f"(its inputs: {', '.join(spec.input_index)})")
+        feeds[name], batch = _check_shape(spec, ts, data.shape, data, batch)
+    if len(feeds) != len(spec.inputs):  # (every name in feeds is one of the model's, once)
+        _check_missing(spec, feeds)
+    return feeds
+
+
+def _check_shape(spec: ModelSpec, ts: TensorSpec, shape: tuple[int, ...], data: np.ndarray,
+                 batch: int) -> tuple[np.ndarray, int]:
+    """One input's shape against the model's (batch dim first when it batches; -1 matches any dim):
+    the input as the model takes it (reshaped where the config says so), and the batch size."""
+    dims = shape
+    if spec.max_batch_size > 0:
+        if len(shape) != len(ts.dims) + 1:
+            raise InvalidArgument(f"input '{ts.name}' has shape {list(shape)}; model '{spec.name}' "
+                                  f"expects {[-1, *ts.dims]} (batch dim first)")
+        if shape[0] < 1 or shape[0] > spec.max_batch_size:
+            raise InvalidArgument(f"input '{ts.name}' has batch size {shape[0]}; model '{spec.name}' accepts "
+                                  f"1 to {spec.max_batch_size} (max_batch_size)")
+        if batch == -1:
+            batch = shape[0]
+        elif shape[0] != batch:
+            raise InvalidArgument(f"input '{ts.name}' has batch size {shape[0]}, other inputs have {batch}")
+        dims = shape[1:]
+    if dims != ts.dims and (len(dims) != len(ts.dims) or not ts.variable or
+                            any(w != -1 and g != w for g, w in zip(dims, ts.dims, strict=True))):
+        expected = [-1, *ts.dims] if spec.max_batch_size > 0 else list(ts.dims)
+        raise InvalidArgument(f"input '{ts.name}' has shape {list(shape)}; model '{spec.name}' expects "
+                              f"{expected}")
+    if ts.reshape is not None:
+        data = data.reshape((shape[0], *ts.reshape) if spec.max_batch_size > 0 else ts.reshape)
+    return data, batch
+
+
+def _check_missing(spec: ModelSpec, feeds: dict[str, np.ndarray]) -> None:
     missing = [ts.name for ts in spec.inputs if ts.name not in feeds and not ts.optional]
     if missing:
         raise InvalidArgument(f"model '{spec.name}' expects input(s) {', '.join(missing)}, "
                               f"which the request does not have")
-    return feeds
 
 
-def _failure_reason(exc: Exception) -> str:
+def _failed(mv: ModelVersion, start: int, exc: BaseException) -> None:
+    """A failed request in its model's statistics (nv_inference_request_failure's `reason`)."""
+    mv.stats.record_failure(time.perf_counter_ns() - start, _failure_reason(exc))
+
+
+def _failure_reason(exc: BaseException) -> str:
     """The `reason` label of nv_inference_request_failure for a request to a loaded model."""
+    if isinstance(exc, asyncio.CancelledError):
+        return "CANCELED"  # the client went away
     if isinstance(exc, Rejected):
         return "REJECTED"
     if isinstance(exc, BackendError):
@@ -144,7 +177,6 @@ class InferenceService:
         self._idle = asyncio.Event()
         self._idle.set()
         repository.run_step = self.run_step  # how the repository's ensembles reach their steps
-        self._requested: dict[tuple[str, ...], list[RequestedOutput]] = {}  # a step's outputs, built once
 
     # ---- health and metadata -------------------------------------------------------------------
 
@@ -186,55 +218,53 @@ class InferenceService:
         a BLS request), which is answered while the server drains, since its caller was accepted.
         `runner`: a BLS caller's, through which an instance lent to this request runs on its thread."""
         mv = self.repository.get(request.model_name, request.model_version) if internal else self._admit(request)
-        return await self._through_core(mv, request, runner, respond=True)
-
-    async def run_step(self, model: str, version: str, feeds: dict[str, np.ndarray], outputs: tuple[str, ...],
-                       request_id: str, parameters: Parameters) -> dict[str, np.ndarray]:
-        """An ensemble's step through the same core as a client request: the callee's checks,
-        scheduler and statistics. The step's inputs and outputs pass by reference (no response
-        object is built for it)."""
-        mv = self.repository.get(model, version)
-        spec = mv.spec
-        tensors = []
-        for name, arr in feeds.items():
-            ts = spec.input_index.get(name)
-            tensors.append(Tensor(name, ts.datatype if ts is not None else "", arr.shape, arr))
-        wanted = self._requested.get(outputs)
-        if wanted is None:
-            wanted = self._requested[outputs] = [RequestedOutput(n) for n in outputs]
-        request = InferRequest(model, version, tensors, wanted, request_id, parameters)
-        return await self._through_core(mv, request, None, respond=False)
-
-    async def _through_core(self, mv: ModelVersion, request: InferRequest, runner: Runner | None,
-                            respond: bool) -> Any:
-        """Checks -> the model's scheduler -> statistics; the response (`respond`), else the outputs."""
         start = time.perf_counter_ns()
         self._in_flight += 1
         self._idle.clear()
         try:
             call = self._prepare(mv, request, start)
             call.work.runner = runner
-            if mv.direct is not None:  # an ensemble: its steps run from this task
-                outcome = await mv.direct(call.work)
-            else:
-                pending = mv.scheduler.enqueue(call.work)
-                try:
-                    outcome = await pending.future
-                except asyncio.CancelledError:
-                    mv.scheduler.withdraw(pending)
-                    raise
-            if respond:
-                return self._complete(mv, request, call, outcome)
-            self._record(mv, call, outcome, time.perf_counter_ns())
-            return outcome.outputs
-        except asyncio.CancelledError:  # the client went away
-            mv.stats.record_failure(time.perf_counter_ns() - start, "CANCELED")
-            raise
-        except Exception as exc:
-            mv.stats.record_failure(time.perf_counter_ns() - start, _failure_reason(exc))
+            return self._complete(mv, request, call, await self._scheduled(mv, call.work))
+        except BaseException as exc:
+            _failed(mv, start, exc)
             raise
         finally:
             self._leave()
+
+    async def run_step(self, model: str, version: str, feeds: dict[str, np.ndarray], outputs: tuple[str, ...],
+                       request_id: str, parameters: Parameters) -> dict[str, np.ndarray]:
+        """An ensemble's step through the same core as a client request: the callee's checks (of
+        the tensors as they are: no request object is built for a step), scheduler and statistics.
+        The step's inputs and outputs pass by reference; no response is built. A step is not
+        counted in flight on its own: its ensemble's request is, until every step is done."""
+        mv = self.repository.get(model, version)
+        start = time.perf_counter_ns()
+        try:
+            spec = mv.spec
+            checked = _check_step_feeds(spec, feeds)
+            if mv.check_inputs is not None:
+                mv.check_inputs(checked)
+            rows = next(iter(checked.values())).shape[0] if spec.max_batch_size > 0 and checked else 1
+            call = _Call(Work(checked, outputs, rows, id=request_id, parameters=parameters), outputs, rows, start,
+                         time.perf_counter_ns())
+            outcome = await self._scheduled(mv, call.work)
+            self._record(mv, call, outcome, time.perf_counter_ns())
+            return outcome.outputs
+        except BaseException as exc:
+            _failed(mv, start, exc)
+            raise
+
+    @staticmethod
+    async def _scheduled(mv: ModelVersion, work: Work) -> Outcome:
+        """The model's scheduler answers `work`; an ensemble runs its steps from this task."""
+        if mv.direct is not None:
+            return await mv.direct(work)
+        pending = mv.scheduler.enqueue(work)
+        try:
+            return await pending.future
+        except asyncio.CancelledError:
+            mv.scheduler.withdraw(pending)
+            raise
 
     def submit(self, request: InferRequest,
                reply: Callable[[InferResponse | None, BaseException | None], None]) -> Callable[[], None]:
@@ -248,7 +278,7 @@ class InferenceService:
             call = self._prepare(mv, request, start)
             pending = mv.scheduler.enqueue(call.work)
         except Exception as exc:
-            mv.stats.record_failure(time.perf_counter_ns() - start, _failure_reason(exc))
+            _failed(mv, start, exc)
             raise
         self._in_flight += 1
         self._idle.clear()
@@ -265,7 +295,7 @@ class InferenceService:
                     return
                 except Exception as err:
                     exc = err
-            mv.stats.record_failure(time.perf_counter_ns() - start, _failure_reason(exc))  # type: ignore[arg-type]
+            _failed(mv, start, cast(BaseException, exc))
             reply(None, exc)
 
         pending.future.add_done_callback(done)

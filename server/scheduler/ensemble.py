@@ -166,12 +166,15 @@ class EnsembleScheduler:
     async def _steps(self, work: Work, start: int) -> Outcome:
         plan = self._waves(work.outputs)
         tensors: dict[str, np.ndarray] = dict(work.feeds)
+        run_step = self.run_step
         for wave in plan.waves:
             if len(wave) == 1:
                 step = wave[0]
-                results = [await self._step(step, tensors, work)]
+                results = [await run_step(step.model, step.version, _feeds(step, tensors), step.wanted, work.id,
+                                          work.parameters)]
             else:
-                tasks = [asyncio.ensure_future(self._step(s, tensors, work)) for s in wave]
+                tasks = [asyncio.ensure_future(run_step(s.model, s.version, _feeds(s, tensors), s.wanted, work.id,
+                                                        work.parameters)) for s in wave]
                 try:
                     results = await asyncio.gather(*tasks)
                 except BaseException:
@@ -196,10 +199,12 @@ class EnsembleScheduler:
         self.stats.record_execution(work.rows, 0, elapsed, 0)
         return Outcome(outputs, 0, 0, elapsed, 0)
 
-    async def _step(self, step: _StepPlan, tensors: dict[str, np.ndarray], work: Work) -> dict[str, np.ndarray]:
-        feeds = {}
-        for model_input, tensor, fit in step.inputs:
-            arr = tensors.get(tensor)
-            if arr is not None:
-                feeds[model_input] = arr if fit is None else _fit(arr, *fit)
-        return await self.run_step(step.model, step.version, feeds, step.wanted, work.id, work.parameters)
+
+def _feeds(step: _StepPlan, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A step's inputs, by the step model's input names (an absent tensor is an absent input)."""
+    feeds = {}
+    for model_input, tensor, fit in step.inputs:
+        arr = tensors.get(tensor)
+        if arr is not None:
+            feeds[model_input] = arr if fit is None else _fit(arr, *fit)
+    return feeds

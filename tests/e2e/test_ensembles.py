@@ -39,6 +39,9 @@ def repo(tmp_path_factory):
     pm.write(repo, "ens_dangling", _variant('value: "B" }', 'value: "NOWHERE" }')
              .replace('{ name: "B", data_type: TYPE_INT32, dims: [ 16 ] } ]', '{ name: "Bx", data_type: TYPE_INT32, '
                                                                                 'dims: [ 16 ] } ]'))
+    # a step whose model returns half of what its config declares: the next step's checks catch it
+    pm.write(repo, "half_width", pm.STEP_CONFIG, pm.PLUS_ONE.replace('.as_numpy() + 1', '.as_numpy()[:, :8] + 1'))
+    pm.write(repo, "ens_shape", _variant('model_name: "plus_one"', 'model_name: "half_width"'))
     pm.write(repo, "ens_dtype", _variant('{ name: "B", data_type: TYPE_INT32', '{ name: "B", data_type: TYPE_FP32'))
     return repo
 
@@ -140,6 +143,21 @@ def test_a_bad_ensemble_is_refused_at_load_naming_the_step(server, model, expect
     row = next(r for r in json.loads(body) if r["name"] == model)
     assert row["state"] == "UNAVAILABLE" and expected[0] in row["reason"]
     np.testing.assert_array_equal(_infer("http", server).as_numpy("SUM"), (A + 1) + B)
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_a_tensor_of_the_wrong_shape_between_steps_fails_at_the_step_that_reads_it(protocol, server):
+    assert server.request("POST", "/v2/repository/models/ens_shape/load")[0] == 200
+    with pytest.raises(InferenceServerException) as info:
+        mod = CLIENTS[protocol]
+        inputs = [mod.InferInput(n, [1, 16], "INT32") for n in ("A", "B")]
+        inputs[0].set_data_from_numpy(A)
+        inputs[1].set_data_from_numpy(B)
+        mod.InferenceServerClient(server.http_url if protocol == "http" else server.grpc_url).infer("ens_shape", inputs)
+    assert info.value.message() == ("in ensemble 'ens_shape', input 'INPUT0' has shape [1, 8]; model 'add_sub' "
+                                    "expects [-1, 16]"), info.value.message()
+    assert info.value.status() == ("400" if protocol == "http" else "StatusCode.INVALID_ARGUMENT")
+    np.testing.assert_array_equal(_infer(protocol, server).as_numpy("SUM"), (A + 1) + B)  # then a good one
 
 
 def test_an_unloaded_step_makes_the_ensemble_answer_with_the_reason(server):
