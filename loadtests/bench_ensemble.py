@@ -17,6 +17,14 @@ same tensors. Two figures per round:
 With `--in-process` it drives an `InferenceService` in this process instead (no sockets, no
 client): mean time per request of the ensemble against the sum of its steps' alone, one request at
 a time; the difference is the ensemble's own cost, transport left out on both sides.
+
+`--in-process --only pipeline|steps` sends only the ensemble's requests, or only its steps' (one
+of each per request), `--requests` times, and prints nothing: for counting instructions, which
+this machine's drifting speed cannot move. Run it under callgrind for two request counts; the
+difference of the totals over the difference of the counts is the cost per request:
+
+    valgrind --tool=callgrind --callgrind-out-file=/dev/null \
+        python loadtests/bench_ensemble.py --in-process --only pipeline --requests 300   # and 1300
 """
 
 from __future__ import annotations
@@ -63,7 +71,7 @@ def _stats(port: int, model: str) -> tuple[int, int]:
     return int(s["count"]), int(s["ns"])
 
 
-def in_process(requests: int, rounds: int) -> None:
+def in_process(requests: int, rounds: int, only: str = "") -> None:
 
     import uvloop
 
@@ -85,6 +93,13 @@ def in_process(requests: int, rounds: int) -> None:
 
         calls = {"pipeline": request("pipeline", A=a, B=b), "plus_one": request("plus_one", IN=a),
                  "add_sub": request("add_sub", INPUT0=a + 1, INPUT1=b), "times_two": request("times_two", IN=a + 1 + b)}
+        if only:
+            sent = [calls["pipeline"]] if only == "pipeline" else [r for m, r in calls.items() if m != "pipeline"]
+            for _ in range(requests):
+                for req in sent:
+                    await service.infer(req)
+            await repository.close()
+            return
         for n in range(1, rounds + 1):
             mean = {}
             for model, req in calls.items():
@@ -109,9 +124,10 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=3000)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--in-process", action="store_true")
+    ap.add_argument("--only", choices=("pipeline", "steps"), help="with --in-process: for counting instructions")
     args = ap.parse_args()
     if args.in_process:
-        return in_process(args.requests, args.rounds)
+        return in_process(args.requests, args.rounds, args.only or "")
     import tritonclient.http as httpclient
 
     repo = _repo()
