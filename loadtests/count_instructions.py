@@ -61,6 +61,11 @@ class TritonPythonModel:
         self.outs = [o.name for o in self.sess.get_outputs()]
 
     def execute(self, requests):
+        if len(requests) == 1:  # as the peers harness's model.py: a lone request is not concatenated
+            r = requests[0]
+            results = self.sess.run(self.outs, {n: pb_utils.get_input_tensor_by_name(r, n).as_numpy()
+                                                for n in self.names})
+            return [pb_utils.InferenceResponse([pb_utils.Tensor(n, a) for n, a in zip(self.outs, results)])]
         per = [[pb_utils.get_input_tensor_by_name(r, n).as_numpy() for n in self.names] for r in requests]
         rows = [p[0].shape[0] for p in per]
         feeds = {n: np.concatenate([p[i] for p in per]) for i, n in enumerate(self.names)}
