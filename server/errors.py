@@ -60,6 +60,12 @@ class Unsupported(ServerError):
     grpc_code = grpc.StatusCode.UNIMPLEMENTED
 
 
+class DecoupledUnary(Unsupported):
+    """A unary endpoint asked for a decoupled model (one request, many responses); each frontend
+    words it as Triton does for that endpoint."""
+
+
+
 class PermissionDenied(ServerError):
     """The call belongs to a restricted API group (--http-restricted-api, --grpc-restricted-protocol)
     and does not carry the header or metadata that group asks for."""

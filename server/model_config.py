@@ -385,8 +385,6 @@ def unimplemented_fields(config: ModelConfig) -> list[str]:
         within("optimization", config.optimization, _OPTIMIZATION)
     for i, s in enumerate(config.ensemble_scheduling.step):
         within(f"ensemble_scheduling.step[{i}]", s, _STEP)
-    if config.model_transaction_policy.decoupled:
-        found.append("model_transaction_policy.decoupled")
     found.extend(f"parameters '{key}'" for key in config.parameters if key in _REFUSED_PARAMETERS)
     return found
 
@@ -396,9 +394,7 @@ def refuse_unimplemented(config: ModelConfig, where: str) -> None:
     fields = unimplemented_fields(config)
     if not fields:
         return
-    why = {"sequence_batching": " (stateful models: the sequence batcher is not implemented yet)",
-           "model_transaction_policy.decoupled": " (decoupled models: one request, many responses, is not "
-                                                 "implemented yet)"}
+    why = {"sequence_batching": " (stateful models: the sequence batcher is not implemented yet)"}
     first = fields[0]
     extra = why.get(first, "")
     for key, reason in _REFUSED_PARAMETERS.items():

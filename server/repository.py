@@ -70,9 +70,13 @@ class ModelVersion:
     check_inputs: Callable[[Mapping[str, np.ndarray]], None] | None = None
     # the scheduler's `run`, when it can run a request in the caller's task (scheduler/base.py)
     direct: Callable[[Work], Awaitable[Outcome]] | None = None
+    # `model_transaction_policy { decoupled: true }`: a request's responses come through its
+    # Work.respond, any number of them, until the final flag (InferenceService.stream)
+    decoupled: bool = False
 
     def __post_init__(self) -> None:
         self.direct = getattr(self.scheduler, "run", None)
+        self.decoupled = self.spec.config.model_transaction_policy.decoupled
 
     async def close(self) -> None:
         """Finish what is queued and executing, then release the instances."""
@@ -251,6 +255,9 @@ class Repository:
         if config.platform == ENSEMBLE_PLATFORM:
             return self._build_ensemble(config, model_dir, where)
         backend = get_backend(backend_name(config, model_dir))
+        if config.model_transaction_policy.decoupled and backend.name != "python":
+            raise ModelLoadError(f"{where}: model_transaction_policy.decoupled is not supported by fuserve for the "
+                                 f"'{backend.name}' backend (decoupled models are Python models)")
         instances = instance_specs(config, backend.gpu_count())
         built: dict[int, _Built] = {}
         try:

@@ -10,18 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import cast
 
 import numpy as np
 
 from . import __version__
-from .errors import BackendError, InvalidArgument, Rejected, Unavailable, Unsupported
+from .errors import BackendError, DecoupledUnary, InvalidArgument, Rejected, Unavailable, Unsupported
 from .model_config import ModelConfig, ModelSpec, TensorSpec
 from .repository import ModelVersion, Repository
 from .scheduler import Outcome, Work
 from .scheduler.lending import Runner
+from .sink import ResponseSink
 from .types import InferRequest, InferResponse, Parameters, Tensor
 
 
@@ -125,6 +126,20 @@ def _check_missing(spec: ModelSpec, feeds: dict[str, np.ndarray]) -> None:
                               f"which the request does not have")
 
 
+def _response(mv: ModelVersion, request: InferRequest, names: Sequence[str],
+              outputs: dict[str, np.ndarray]) -> InferResponse:
+    index = mv.spec.output_index
+    tensors = [Tensor(name, index[name].datatype, (arr := outputs[name]).shape, arr) for name in names]
+    return InferResponse(model_name=mv.spec.name, model_version=str(mv.version), outputs=tensors, id=request.id)
+
+
+def _unary(mv: ModelVersion) -> ModelVersion:
+    if mv.decoupled:
+        raise DecoupledUnary(f"model '{mv.spec.name}' is decoupled (one request, many responses): it is served "
+                             f"on streaming endpoints only")
+    return mv
+
+
 def _failed(mv: ModelVersion, start: int, exc: BaseException) -> None:
     """A failed request in its model's statistics (nv_inference_request_failure's `reason`)."""
     mv.stats.record_failure(time.perf_counter_ns() - start, _failure_reason(exc))
@@ -132,8 +147,8 @@ def _failed(mv: ModelVersion, start: int, exc: BaseException) -> None:
 
 def _failure_reason(exc: BaseException) -> str:
     """The `reason` label of nv_inference_request_failure for a request to a loaded model."""
-    if isinstance(exc, asyncio.CancelledError):
-        return "CANCELED"  # the client went away
+    if isinstance(exc, asyncio.CancelledError | GeneratorExit):
+        return "CANCELED"  # the client went away (a stream closed early: GeneratorExit)
     if isinstance(exc, Rejected):
         return "REJECTED"
     if isinstance(exc, BackendError):
@@ -206,6 +221,14 @@ class InferenceService:
             outputs=tuple(TensorMetadata(t.name, t.dtype.v2, batch + t.dims) for t in spec.outputs),
         )
 
+    def is_decoupled(self, name: str, version: str = "") -> bool:
+        """Whether the model answers a request with any number of responses (`stream` serves it);
+        False for a model that is not ready (its request fails on its own)."""
+        try:
+            return self.repository.get(name, version).decoupled
+        except Exception:
+            return False
+
     def model_config(self, name: str, version: str = "") -> ModelConfig:
         """The completed config of a loaded model (auto-complete applied)."""
         return self.repository.get(name, version).spec.config
@@ -217,7 +240,8 @@ class InferenceService:
         """Answer one request. `internal`: a call made by a model being served (an ensemble's step,
         a BLS request), which is answered while the server drains, since its caller was accepted.
         `runner`: a BLS caller's, through which an instance lent to this request runs on its thread."""
-        mv = self.repository.get(request.model_name, request.model_version) if internal else self._admit(request)
+        mv = _unary(self.repository.get(request.model_name, request.model_version) if internal
+                    else self._admit(request))
         start = time.perf_counter_ns()
         self._in_flight += 1
         self._idle.clear()
@@ -266,13 +290,56 @@ class InferenceService:
             mv.scheduler.withdraw(pending)
             raise
 
+    async def stream(self, request: InferRequest) -> AsyncIterator[tuple[InferResponse | None, bool]]:
+        """A request's responses as they come, each with whether it is the last: any number from a
+        decoupled model (a flag-only final comes as (None, True)), exactly one from any other. An
+        error raises, after the responses sent before it. Closing the iterator early (the client
+        went away) cancels the request: queued work is dropped, the model's `is_cancelled()` turns
+        true and what it sends after is dropped."""
+        mv = self._admit(request)
+        if not mv.decoupled:
+            yield await self.infer(request), True
+            return
+        start = time.perf_counter_ns()
+        self._in_flight += 1
+        self._idle.clear()
+        sink = ResponseSink(asyncio.get_running_loop())
+        pending = None
+        try:
+            call = self._prepare(mv, request, start)
+            call.work.respond, call.work.is_cancelled = sink.respond, sink.cancelled
+            pending = mv.scheduler.enqueue(call.work)
+            pending.future.add_done_callback(lambda f: None if f.cancelled() or f.exception() is None
+                                             else sink.fail(cast(BaseException, f.exception())))
+            outcome: Outcome | None = None
+            while True:
+                result, final = await sink.get()
+                if isinstance(result, BaseException):
+                    raise result
+                if pending.future.done() and outcome is None and not pending.future.cancelled():
+                    outcome = pending.future.result()
+                yield (None if result is None else _response(mv, request, call.names, result)), final
+                if final:
+                    break
+            if outcome is None and pending.future.done():
+                outcome = pending.future.result()
+            self._record(mv, call, outcome or Outcome({}, 0, 0, 0, 0), time.perf_counter_ns())
+        except BaseException as exc:
+            _failed(mv, start, exc)
+            raise
+        finally:
+            sink.close()
+            if pending is not None and not pending.future.done():
+                mv.scheduler.withdraw(pending)
+            self._leave()
+
     def submit(self, request: InferRequest,
                reply: Callable[[InferResponse | None, BaseException | None], None]) -> Callable[[], None]:
         """`infer` without a coroutine or task (for the frontend workers' link, where a task per
         request is a large part of the cost): checks and queues the request now, raising what
         `infer` would raise before queueing; calls `reply(response, None)` or `reply(None, error)`
         from the event loop when it is answered. Returns the function that cancels it."""
-        mv = self._admit(request)
+        mv = _unary(self._admit(request))
         start = time.perf_counter_ns()
         try:
             call = self._prepare(mv, request, start)
@@ -337,11 +404,9 @@ class InferenceService:
 
     def _complete(self, mv: ModelVersion, request: InferRequest, call: _Call, outcome: Outcome) -> InferResponse:
         collected = time.perf_counter_ns()
-        index = mv.spec.output_index
-        outputs = [Tensor(name, index[name].datatype, (arr := outcome.outputs[name]).shape, arr)
-                   for name in call.names]
+        response = _response(mv, request, call.names, outcome.outputs)
         self._record(mv, call, outcome, collected)
-        return InferResponse(model_name=mv.spec.name, model_version=str(mv.version), outputs=outputs, id=request.id)
+        return response
 
     def _record(self, mv: ModelVersion, call: _Call, outcome: Outcome, collected: int) -> None:
         """A success in the model's statistics; `collected`: when the outcome was taken up."""

@@ -320,3 +320,69 @@ def write(repo: Path, name: str, config: str, source: str | None = None) -> Path
     if source is not None:
         (folder / "1" / "model.py").write_text(source)
     return folder
+
+
+# Decoupled (model_transaction_policy { decoupled: true }): one response per value of IN (OUT: the
+# value, IDX: its index), then a flag-only final. Request parameters steer it:
+#   "mode": "thread"  sends from a thread after execute() has returned;
+#   "raise"           execute() raises;
+#   "error_at": k     an error response (ending the request) instead of the k-th;
+#   "delay_ms"        a sleep between responses;
+#   "mark"            a file written (with the index reached) once is_cancelled() turns true;
+#   "progress"        a file replaced, every 100 responses, with the number sent so far.
+REPEAT = '''
+import json
+import os
+import threading
+import time
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        for request in requests:
+            params = json.loads(request.parameters())
+            if params.get("raise"):
+                raise RuntimeError("asked to raise")
+            values = pb_utils.get_input_tensor_by_name(request, "IN").as_numpy()
+            sender = request.get_response_sender()
+            if params.get("mode") == "thread":
+                threading.Thread(target=self._send, args=(sender, values, params), daemon=True).start()
+            else:
+                self._send(sender, values, params)
+        return None
+
+    def _send(self, sender, values, params):
+        delay = params.get("delay_ms", 0) / 1000
+        for i, v in enumerate(values.tolist()):
+            if sender.is_cancelled():
+                if params.get("mark"):
+                    with open(params["mark"], "w") as f:
+                        f.write(str(i))
+                return
+            if i == params.get("error_at", -1):
+                sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(
+                    f"value {v} refused", pb_utils.TritonError.INVALID_ARG)), flags=FINAL)
+                return
+            sender.send(pb_utils.InferenceResponse([pb_utils.Tensor("OUT", np.array([v], np.int32)),
+                                                    pb_utils.Tensor("IDX", np.array([i], np.int32))]))
+            if params.get("progress") and (i + 1) % 100 == 0:
+                with open(params["progress"] + ".tmp", "w") as f:
+                    f.write(str(i + 1))
+                os.replace(params["progress"] + ".tmp", params["progress"])
+            if delay:
+                time.sleep(delay)
+        sender.send(flags=FINAL)
+'''
+REPEAT_CONFIG = '''
+backend: "python"
+max_batch_size: 0
+input [ { name: "IN", data_type: TYPE_INT32, dims: [ -1 ] } ]
+output [ { name: "OUT", data_type: TYPE_INT32, dims: [ 1 ] }, { name: "IDX", data_type: TYPE_INT32, dims: [ 1 ] } ]
+model_transaction_policy { decoupled: true }
+instance_group [ { count: 4, kind: KIND_CPU } ]
+'''

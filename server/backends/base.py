@@ -35,9 +35,14 @@ class Request:
     id: str
     parameters: Parameters  # the client's own request parameters
     is_cancelled: Callable[[], bool]  # True once the client has gone away
+    # A decoupled model's way to answer: `respond(outputs or error or None, final)`, from any thread,
+    # any number of times until `final`; it may wait while the client is slow to read (backpressure).
+    # None for other models, which answer with execute_requests' result.
+    respond: Callable[[RequestResult | None, bool], None] | None = None
 
 
-# Per request: its outputs, or the error that fails it alone.
+# Per request: its outputs, or the error that fails it alone; None from a decoupled model, whose
+# responses went (or will go) through Request.respond.
 RequestResult = dict[str, np.ndarray] | Exception
 
 
@@ -67,7 +72,7 @@ class Instance(Protocol):
         the named outputs (executes_requests False)."""
         ...
 
-    def execute_requests(self, requests: Sequence[Request]) -> list[RequestResult]:
+    def execute_requests(self, requests: Sequence[Request]) -> list[RequestResult | None]:
         """Run the model on the batched requests themselves; one result per request, in order. An
         exception fails every request of the call (executes_requests True)."""
         ...

@@ -23,7 +23,7 @@ import socket
 import struct
 import zlib
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from ssl import SSLContext
 from typing import Any, cast
@@ -84,8 +84,13 @@ class Method:
     """
 
     parse: Callable[[bytes], Any]
-    call: Callable[[Any, CallContext], Awaitable[Any]]
+    call: Callable[[Any, CallContext], Any]  # an awaitable reply; an async iterator of them with `replies`
     streaming: bool = False
+    # Streaming only: `call` returns an async iterator, and each of its replies goes back as it
+    # comes (many replies to one message, as a decoupled model gives). The next one is taken only
+    # while the connection holds no more replies than it may: a client that reads slowly makes the
+    # iterator wait, and so whoever feeds it (server/sink.py).
+    replies: bool = False
     # Unary only, optional: the same call without a task. `start(request, ctx, reply)` begins it
     # (raising what `call` would raise before it waits) and returns the function that cancels it;
     # `reply(message, None)` or `reply(None, error)` answers it later, from the event loop. A task and
@@ -146,6 +151,7 @@ class GrpcProtocol(asyncio.Protocol):
         self.write_paused = False
         self.parse_pending = False  # input left for the next loop turn (the frame budget)
         self.write_scheduled = False  # a _write_soon() is pending
+        self.room_waiters: list[asyncio.Future[None]] = []  # streams waiting for held replies to go out
 
     # ---- asyncio.Protocol ----------------------------------------------------------------------
 
@@ -160,6 +166,7 @@ class GrpcProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
         self.transport = None
+        self._wake_room()
         for call in list(self.calls.values()):
             self._drop(call)  # the client went away: its calls are cancelled, queued work dropped
 
@@ -177,6 +184,8 @@ class GrpcProtocol(asyncio.Protocol):
         self.write_paused = False
         self.conn.set_output_blocked(False)
         self._write_out()
+        if self.room_waiters:
+            self._wake_room()
         if self.transport is not None and not self.parse_pending:
             self.transport.resume_reading()
 
@@ -218,6 +227,8 @@ class GrpcProtocol(asyncio.Protocol):
         if self.backlogged and conn.held_output <= self.server.limits.max_held_reply_bytes:
             for call in list(self.backlogged):  # replies went out (window opened): start what waits
                 self._start_streamed(call)
+        if self.room_waiters:
+            self._wake_room()
         if conn.input_stalled:
             self._unstall()
         if conn.more_input and self.transport is not None:
@@ -373,8 +384,18 @@ class GrpcProtocol(asyncio.Protocol):
 
     async def _stream_call(self, call: Call, message: bytes) -> None:
         try:
-            reply = await call.method.call(_parse(call.method, message), call.ctx)
-            body = reply.SerializeToString()
+            if call.method.replies:
+                body = None
+                replies = call.method.call(_parse(call.method, message), call.ctx)
+                try:
+                    async for reply in replies:
+                        self._reply(call, reply.SerializeToString(), end=False)
+                        await self._room()
+                finally:
+                    await replies.aclose()  # now, not when collected: a cancelled request ends at once
+            else:
+                reply = await call.method.call(_parse(call.method, message), call.ctx)
+                body = reply.SerializeToString()
         except asyncio.CancelledError:
             return
         except Exception as exc:  # the frontend answers per-message errors itself; this is a last resort
@@ -383,12 +404,28 @@ class GrpcProtocol(asyncio.Protocol):
             # Leave the set now, not in a done callback a loop turn later: a half-close arriving in
             # between would see this task still there and the stream would never end.
             call.tasks.discard(asyncio.current_task())
-        self._reply(call, body, end=False)
+        if body is not None:
+            self._reply(call, body, end=False)
         if call.backlog:
             self._start_streamed(call)
         stream = self.conn.streams.get(call.sid)
         if stream is not None and stream.remote_closed and not call.tasks and not call.backlog and not call.done:
             self._end(call, OK, "")  # the last one
+
+    async def _room(self) -> None:
+        """Wait while the connection holds more replies than it may (the client reads slowly)."""
+        limit = self.server.limits.max_held_reply_bytes
+        while self.conn.held_output > limit and self.transport is not None:
+            waiter = self.loop.create_future()
+            self.room_waiters.append(waiter)
+            await waiter
+
+    def _wake_room(self) -> None:
+        if self.transport is None or self.conn.held_output <= self.server.limits.max_held_reply_bytes:
+            waiters, self.room_waiters = self.room_waiters, []
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
 
     def _status_of(self, exc: BaseException) -> tuple[int, str]:
         if isinstance(exc, CallError):

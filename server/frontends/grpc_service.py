@@ -12,7 +12,7 @@ frontend_worker.py).
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, cast
 
 from google.protobuf import json_format
@@ -21,7 +21,7 @@ from .. import access
 from .._proto import grpc_service_pb2 as pb
 from ..codecs import v2_proto
 from ..context import CallContext
-from ..errors import ServerError, Unsupported, as_server_error
+from ..errors import DecoupledUnary, ServerError, Unsupported, as_server_error
 from ..service import InferenceService
 from ..types import InferRequest, InferResponse
 from .grpc_server import Method, Reply
@@ -44,6 +44,8 @@ def error_status(exc: BaseException) -> tuple[int, str]:
 Infer = Callable[[InferRequest], Awaitable[InferResponse]]
 # InferenceService.submit: queue now, answer by callback, return the cancel function
 Submit = Callable[[InferRequest, Callable[[InferResponse | None, BaseException | None], None]], Callable[[], None]]
+# InferenceService.stream: a request's responses as they come, each with whether it is the last
+Stream = Callable[[InferRequest], AsyncIterator[tuple[InferResponse | None, bool]]]
 
 
 class GrpcInfer:
@@ -51,18 +53,24 @@ class GrpcInfer:
     worker process) the link to the scheduler process. Given the service's `submit` too, ModelInfer
     runs without a task or coroutine (Method.start): ~2 us of a lone call's ~5 us in the transport."""
 
-    def __init__(self, infer: Infer, submit: Submit | None = None) -> None:
+    def __init__(self, infer: Infer, submit: Submit | None = None, stream: Stream | None = None,
+                 decoupled: Callable[[str, str], bool] | None = None) -> None:
         self.infer = infer
         self.submit = submit
+        self.stream = stream  # InferenceService.stream; None in a frontend worker (one reply per request)
+        self.decoupled = decoupled
 
     def methods(self) -> dict[str, Method]:
         start = self.start_model_infer if self.submit is not None else None
         return {SERVICE + "ModelInfer": Method(pb.ModelInferRequest.FromString, self.model_infer, start=start),
                 SERVICE + "ModelStreamInfer": Method(pb.ModelInferRequest.FromString, self.stream_infer,
-                                                     streaming=True)}
+                                                     streaming=True, replies=True)}
 
     async def model_infer(self, request: pb.ModelInferRequest, ctx: CallContext) -> pb.ModelInferResponse:
-        response = await self.infer(v2_proto.decode_request(request))
+        try:
+            response = await self.infer(v2_proto.decode_request(request))
+        except DecoupledUnary:
+            raise Unsupported(_UNARY_DECOUPLED) from None
         return v2_proto.encode_response(response)
 
     def start_model_infer(self, request: pb.ModelInferRequest, ctx: CallContext, reply: Reply) -> Callable[[], None]:
@@ -76,19 +84,54 @@ class GrpcInfer:
                 return reply(None, err)
             reply(message, None)
 
-        return cast(Submit, self.submit)(v2_proto.decode_request(request), answered)
-
-    async def stream_infer(self, request: pb.ModelInferRequest, ctx: CallContext) -> pb.ModelStreamInferResponse:
-        """One request on ModelStreamInfer: a failure becomes this reply's error_message, and the
-        stream goes on."""
         try:
-            response = await self.infer(v2_proto.decode_request(request))
-            return pb.ModelStreamInferResponse(infer_response=v2_proto.encode_response(response))
+            return cast(Submit, self.submit)(v2_proto.decode_request(request), answered)
+        except DecoupledUnary:
+            raise Unsupported(_UNARY_DECOUPLED) from None
+
+    async def stream_infer(self, request: pb.ModelInferRequest,
+                           ctx: CallContext) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """One request on ModelStreamInfer: its replies, as Triton 2.51 sends them. A decoupled
+        model's data responses carry `triton_final_response: false`; its flag-only final is an
+        empty response with `triton_final_response: true`, sent only when the request asked for it
+        (`triton_enable_empty_final_response`). A failure becomes a reply's error_message, which
+        ends that request (nothing follows it), and the stream goes on."""
+        try:
+            infer_request = v2_proto.decode_request(request)
+            empty_final = bool(infer_request.parameters.pop(_EMPTY_FINAL, False))
+            decoupled = self.stream is not None and self.decoupled is not None and \
+                self.decoupled(infer_request.model_name, infer_request.model_version)
+            if not decoupled:
+                try:
+                    response = await self.infer(infer_request)
+                except DecoupledUnary:
+                    raise Unsupported("decoupled models are not served through --frontend-workers yet (the "
+                                      "link to the scheduler process carries one response per request)") from None
+                yield pb.ModelStreamInferResponse(infer_response=v2_proto.encode_response(response))
+                return
+            async for one, final in cast(Stream, self.stream)(infer_request):
+                if one is None:
+                    if empty_final:
+                        yield _flag_only_final(infer_request)
+                    continue
+                one.parameters["triton_final_response"] = final
+                yield pb.ModelStreamInferResponse(infer_response=v2_proto.encode_response(one))
         except Exception as exc:
-            return pb.ModelStreamInferResponse(
+            yield pb.ModelStreamInferResponse(
                 error_message=as_server_error(exc).message,
                 infer_response=pb.ModelInferResponse(id=request.id, model_name=request.model_name,
                                                      model_version=request.model_version))
+
+
+_UNARY_DECOUPLED = "ModelInfer RPC doesn't support models with decoupled transaction policy"
+_EMPTY_FINAL = "triton_enable_empty_final_response"  # what tritonclient's enable_empty_final_response sends
+
+
+def _flag_only_final(request: InferRequest) -> pb.ModelStreamInferResponse:
+    message = pb.ModelInferResponse(model_name=request.model_name, model_version=request.model_version,
+                                    id=request.id)
+    message.parameters["triton_final_response"].bool_param = True
+    return pb.ModelStreamInferResponse(infer_response=message)
 
 
 class GrpcFrontend:
@@ -109,7 +152,8 @@ class GrpcFrontend:
             "RepositoryModelUnload": (pb.RepositoryModelUnloadRequest, self.repository_model_unload),
         }
         methods = {SERVICE + name: Method(cls.FromString, call) for name, (cls, call) in handlers.items()}
-        methods.update(GrpcInfer(self.service.infer, self.service.submit).methods())
+        methods.update(GrpcInfer(self.service.infer, self.service.submit, self.service.stream,
+                                 self.service.is_decoupled).methods())
         for name in _NOT_OFFERED:
             methods[SERVICE + name] = Method(lambda data: data, _not_offered(name))
         return methods

@@ -19,7 +19,7 @@ import orjson
 
 from .. import access
 from ..codecs import v2_json
-from ..errors import InvalidArgument, NotFound, ServerError, as_server_error
+from ..errors import DecoupledUnary, InvalidArgument, NotFound, ServerError, Unsupported, as_server_error
 from ..model_config import config_to_json
 from ..service import InferenceService
 from ..types import InferRequest, InferResponse
@@ -64,7 +64,10 @@ async def infer_endpoint(request: HttpRequest, name: str, version: str,
             raise InvalidArgument(f"Inference-Header-Content-Length must be an integer, got '{header_length}'")
         hl = int(header_length)
     infer_request = v2_json.decode_request(request.body, hl, name, version)
-    infer_response = await infer(infer_request)
+    try:
+        infer_response = await infer(infer_request)
+    except DecoupledUnary:
+        raise Unsupported("HTTP end point doesn't support models with decoupled transaction policy") from None
     body, json_length = v2_json.encode_response(infer_response, infer_request)
     if json_length is None:
         return HttpResponse(200, body)

@@ -38,6 +38,11 @@ class Work:
     # Set for a BLS request made from a model's thread: how an instance lent to it runs on that
     # (waiting) thread; see lending.py.
     runner: Runner | None = None
+    # Set for a request to a decoupled model (InferenceService.stream): where its responses go, from
+    # the model's thread, and whether its caller has gone away. Its future then only says that the
+    # execution is over; the request itself ends with the response flagged final.
+    respond: Callable[[Any, bool], None] | None = None
+    is_cancelled: Callable[[], bool] | None = None
 
 
 @dataclass(slots=True)

@@ -306,8 +306,8 @@ class Batcher:
             loop.call_soon(done, fut)  # not now: _schedule is what called us
             return
         if self._requests:
-            requests = [Request(p.work.feeds, p.work.outputs, p.work.id, p.work.parameters, p.future.cancelled)
-                        for p in batch]
+            requests = [Request(p.work.feeds, p.work.outputs, p.work.id, p.work.parameters,
+                                p.work.is_cancelled or p.future.cancelled, p.work.respond) for p in batch]
             runner = batch[0].work.runner if lent else None
             if runner is not None:  # on the BLS caller's thread, which waits for exactly this
                 fut = runner(execute_requests, self, instance, requests)
@@ -359,6 +359,10 @@ class Batcher:
         input_ns, infer_ns, output_ns = done.timings
         self.stats.record_execution(done.rows, input_ns, infer_ns, output_ns)
         for p, part in zip(done.batch, done.parts, strict=True):
+            if part is None:  # a decoupled model's: its responses go through Work.respond
+                if not p.future.done():
+                    p.future.set_result(Outcome({}, done.started - p.arrival, input_ns, infer_ns, output_ns))
+                continue
             if isinstance(part, Exception):
                 if not p.future.done():
                     p.future.set_exception(self._as_error(part))

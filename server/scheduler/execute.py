@@ -42,7 +42,7 @@ def execute_batch(instance: Instance, feeds_list: list[dict[str, np.ndarray]], o
 
 
 def execute_requests(lender: Lender, instance: Instance, requests: list[Request]
-                      ) -> tuple[list[RequestResult], tuple[int, int, int]]:
+                      ) -> tuple[list[RequestResult | None], tuple[int, int, int]]:
     """On the worker thread (or a BLS caller's, when lent), for a backend that takes the requests
     themselves: one result per request. Nothing is retried: running a model's `execute` twice could
     repeat its side effects, so an exception fails every request of the call (as in Triton), and an

@@ -17,6 +17,7 @@ from pathlib import Path
 import model_builders as mb
 import numpy as np
 import pytest
+import python_models as pm
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from conftest import cancel_queued_grpc_call, wait_until
@@ -50,6 +51,7 @@ def repo(tmp_path_factory) -> Path:
     cfg = repo / "gathered" / "config.pbtxt"
     cfg.write_text(cfg.read_text() + "dynamic_batching { preferred_batch_size: [8] "
                                       "max_queue_delay_microseconds: 20000000 }\n")
+    pm.write(repo, "repeat", pm.REPEAT_CONFIG, pm.REPEAT)  # decoupled: not through workers yet
     mb.echo_slow(repo / "slow" / "1" / "model.onnx", matmuls=1000)
     mb.write_config(repo / "slow", 'platform: "onnxruntime_onnx"\nmax_batch_size: 1\ndynamic_batching { }\n'
                                    'parameters { key: "intra_op_thread_count" value: { string_value: "1" } }\n')
@@ -126,7 +128,7 @@ def test_other_requests_are_answered_by_the_scheduler(server):
         assert http.get_model_metadata("add_sub")["inputs"][0]["name"] == "INPUT0"
         assert grpcc.get_model_metadata("add_sub").inputs[0].name == "INPUT0"
         assert grpcc.get_model_config("add_sub").config.max_batch_size == 8
-        assert {m["name"] for m in http.get_model_repository_index()} == {"add_sub", "gathered", "slow"}
+        assert {m["name"] for m in http.get_model_repository_index()} == {"add_sub", "gathered", "repeat", "slow"}
         grpcc.unload_model("add_sub")
         wait_until(lambda: not http.is_model_ready("add_sub"), what="add_sub unloaded")
         assert not grpcc.is_model_ready("add_sub")
@@ -186,6 +188,30 @@ def test_stream_infer_through_a_worker(server):
     good = sorted(r.get_response().id for r, e in replies if e is None)
     assert good == ["0", "1", "2", "3"]
     assert sum(1 for _, e in replies if e is not None and "nope" in e.message()) == 1
+
+
+def test_a_decoupled_model_is_refused_clearly_through_a_worker(server):
+    """The worker link carries one response per request: a decoupled model's stream request fails
+    with a message saying so (and the unary endpoints refuse it as they do in one process)."""
+    replies: list = []
+    done = threading.Event()
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    t = grpcclient.InferInput("IN", [2], "INT32")
+    t.set_data_from_numpy(np.array([1, 2], np.int32))
+    try:
+        client.start_stream(lambda result, error: (replies.append((result, error)), done.set()))
+        client.async_stream_infer("repeat", [t], request_id="d")
+        assert done.wait(30)
+        client.stop_stream()
+    finally:
+        client.close()
+    [(_, err)] = replies
+    assert err is not None and "--frontend-workers" in err.message(), err
+    h = httpclient.InferInput("IN", [1], "INT32")
+    h.set_data_from_numpy(np.array([1], np.int32))
+    with pytest.raises(InferenceServerException) as info:
+        httpclient.InferenceServerClient(server.http_url).infer("repeat", [h])
+    assert info.value.status() == "501" and "decoupled" in info.value.message()
 
 
 def test_a_cancelled_call_drops_its_queued_request(server):

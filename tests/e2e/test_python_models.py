@@ -15,6 +15,7 @@ import python_models as pm
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from conftest import model_stats, wait_until
+from model_builders import generated
 from tritonclient.utils import InferenceServerException
 
 CLIENTS = {"http": httpclient, "grpc": grpcclient}
@@ -35,7 +36,9 @@ def repo(tmp_path_factory):
     pm.write(repo, "ping", pm.COUNTDOWN_CONFIG, pm.COUNTDOWN.format(callee="pong"))
     pm.write(repo, "pong", pm.COUNTDOWN_CONFIG, pm.COUNTDOWN.format(callee="ping"))
     pm.write(repo, "stateful", pm.ONE_INT_CONFIG + "sequence_batching { }\n", pm.FINALIZE)
-    pm.write(repo, "streaming", pm.ONE_INT_CONFIG + "model_transaction_policy { decoupled: true }\n", pm.FINALIZE)
+    generated(repo, "add_sub", "onnx_decoupled")  # decoupled is for Python models only
+    cfg = repo / "onnx_decoupled" / "config.pbtxt"
+    cfg.write_text(cfg.read_text() + "model_transaction_policy { decoupled: true }\n")
     pm.write(repo, "condaenv", pm.ONE_INT_CONFIG + 'parameters { key: "EXECUTION_ENV_PATH" value: '
                                '{ string_value: "$$TRITON_MODEL_DIRECTORY/env.tar.gz" } }\n', pm.FINALIZE)
     return repo
@@ -119,7 +122,7 @@ def test_an_exception_in_execute_is_a_500_naming_the_model_and_the_exception(pro
     assert result.as_numpy("OUT").tolist() == [0]
 
 
-def test_get_response_sender_fails_clearly_until_decoupled_models_exist(server):
+def test_get_response_sender_fails_clearly_for_a_model_that_is_not_decoupled(server):
     err = _error("http", server, "pyerrors", MODE=np.array([10], np.int32))
     assert err.status() == "500" and "decoupled" in err.message()
 
@@ -208,7 +211,7 @@ def test_finalize_runs_on_unload(server, repo):
 
 
 @pytest.mark.parametrize(("model", "field"), [
-    ("stateful", "sequence_batching"), ("streaming", "model_transaction_policy.decoupled"),
+    ("stateful", "sequence_batching"), ("onnx_decoupled", "model_transaction_policy.decoupled"),
     ("condaenv", "EXECUTION_ENV_PATH")])
 def test_config_fields_fuserve_does_not_implement_fail_the_load_naming_them(server, model, field):
     status, _, body = server.request("POST", f"/v2/repository/models/{model}/load")

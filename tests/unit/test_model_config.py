@@ -144,7 +144,6 @@ def test_parse_config_json():
 
 @pytest.mark.parametrize(("text", "field"), [
     ("sequence_batching { }", "sequence_batching"),
-    ("model_transaction_policy { decoupled: true }", "model_transaction_policy.decoupled"),
     ('input [ { name: "x" data_type: TYPE_FP32 dims: [1] allow_ragged_batch: true } ]',
      "input[0] 'x'.allow_ragged_batch"),
     ('output [ { name: "y" data_type: TYPE_FP32 dims: [1] label_filename: "labels.txt" } ]',

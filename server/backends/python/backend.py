@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib.util
 import inspect
 import itertools
@@ -31,6 +32,7 @@ from ...model_config import (
 from ..base import Instance, Request, RequestResult
 from . import pb_utils
 from .pb_model_config import _auto_complete
+from .response_sender import InferenceResponseSender
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +125,7 @@ class PythonInstance:
         self._io = _io(config)
         self._dtypes = {t.name: t.dtype for t in self._io.outputs}
         self._device = "GPU" if instance.kind == "KIND_GPU" else "CPU"
+        self._decoupled = config.model_transaction_policy.decoupled
 
     @property
     def io(self) -> ModelIO:
@@ -138,11 +141,16 @@ class PythonInstance:
     def execute(self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]) -> dict[str, np.ndarray]:
         raise NotImplementedError("Python models execute requests (execute_requests)")
 
-    def execute_requests(self, requests: Sequence[Request]) -> list[RequestResult]:
+    def execute_requests(self, requests: Sequence[Request]) -> list[RequestResult | None]:
         incoming = [pb_utils.InferenceRequest._incoming(
             [_tensor(name, arr) for name, arr in r.inputs.items()], r.outputs, r.id, 0,
             json.dumps(r.parameters, separators=(",", ":")) if r.parameters else "{}", 0, r.is_cancelled,
             model_name=self.name) for r in requests]
+        if self._decoupled:
+            for r, req in zip(requests, incoming, strict=True):
+                if r.respond is None:
+                    raise BackendError(f"model '{self.name}' is decoupled: its requests need a response sink")
+                req._sender = InferenceResponseSender(functools.partial(self._result, r), r.respond, r.is_cancelled)
         with pb_utils._model_dir_scope(self.version_dir):
             try:
                 if self._loop is not None:
@@ -153,6 +161,12 @@ class PythonInstance:
                 log.exception("model '%s': execute() raised", self.name)
                 raise BackendError(f"Failed to process the request(s) for model '{self.name}', message: "
                                    f"{type(exc).__name__}: {exc}") from exc
+        if self._decoupled:
+            if responses is not None and any(x is not None for x in responses):
+                raise BackendError(f"Failed to process the request(s) for model '{self.name}', message: a "
+                                   f"decoupled model's execute() must return None; it answers through "
+                                   f"request.get_response_sender()")
+            return [None] * len(requests)
         if not isinstance(responses, list | tuple):
             raise BackendError(f"Failed to process the request(s) for model '{self.name}', message: Expected a "
                                f"list in the execute return, found type '{type(responses)}'.")

@@ -91,6 +91,10 @@ def wanted(config: ModelConfig) -> bool:
     if value not in ("true", "false"):
         raise ModelLoadError(f"model '{config.name}': parameter '{PARAMETER}' must be \"true\" or \"false\", "
                              f"not {value!r}")
+    if value == "true" and config.model_transaction_policy.decoupled:
+        raise ModelLoadError(f"model '{config.name}': parameter '{PARAMETER}' with model_transaction_policy "
+                             f"{{ decoupled: true }} is not supported by fuserve yet (decoupled models run in "
+                             f"process)")
     return value == "true"
 
 
@@ -190,7 +194,7 @@ class IsolatedInstance:
     def execute(self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]) -> dict[str, np.ndarray]:
         raise NotImplementedError("Python models execute requests (execute_requests)")
 
-    def execute_requests(self, requests: Sequence[Request]) -> list[RequestResult]:
+    def execute_requests(self, requests: Sequence[Request]) -> list[RequestResult | None]:
         with self._lock:
             if self._disabled is not None:
                 raise BackendError(self._disabled)
@@ -216,7 +220,7 @@ class IsolatedInstance:
             except OSError as exc:  # starting the process, or a region (strerror: no region name)
                 raise BackendError(f"{self.label}: {type(exc).__name__}: {exc.strerror}") from None
 
-    def _call(self, requests: Sequence[Request]) -> list[RequestResult]:
+    def _call(self, requests: Sequence[Request]) -> list[RequestResult | None]:
         layouts, copies, need = layout([r.inputs for r in requests])
         if need:
             write(self._requests.ensure(need).buf, copies)

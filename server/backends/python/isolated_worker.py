@@ -159,7 +159,7 @@ class Child:
             log.exception("model '%s': execute_requests failed", instance.name)
             return "raise", "BackendError", f"model '{instance.name}': {type(exc).__name__}: {exc}"
         del requests
-        layouts, copies, need = layout([r for r in results if not isinstance(r, Exception)])
+        layouts, copies, need = layout([r for r in results if isinstance(r, dict)])  # (never decoupled)
         if need:
             current = self.maps.get("responses", responses)
             if current is None or len(current) < need:

@@ -14,8 +14,9 @@ Where fuserve differs, by choice:
   `from_dlpack` of BF16 raise, numpy has no bfloat16 DLPack.
 - `to_dlpack()` of a read-only array returns a versioned ("dltensor_versioned") capsule, numpy's only
   zero-copy export of read-only memory; writable arrays give Triton's legacy "dltensor" capsule.
-- Decoupled: `get_response_sender()` raises `TritonModelException`; `exec(decoupled=True)` is passed
-  to the bridge, which answers with an error response until streams exist.
+- Decoupled: a decoupled model's requests have `get_response_sender()` (response_sender.py); other
+  models' raise `TritonModelException`. `exec(decoupled=True)` is passed to the bridge, which
+  answers with an error response until BLS streams exist.
 - Custom metrics (`MetricFamily(...)`) and model control (`load_model`, `unload_model`,
   `is_model_ready`) raise `TritonModelException`; `MetricFamily.COUNTER/GAUGE/HISTOGRAM` exist.
 - `set_release_flags` is only recorded (`request._release_flags`); rescheduling is the server's call.
@@ -36,7 +37,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, ClassVar, NoReturn, Protocol
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
@@ -379,6 +380,7 @@ class InferenceRequest:
     __slots__ = (
         "_inputs", "_requested", "_request_id", "_correlation_id", "_parameters", "_flags", "_timeout",
         "_model_name", "_model_version", "_preferred_memory", "_trace", "_is_cancelled", "_release_flags",
+        "_sender",
     )
 
     def __init__(
@@ -434,6 +436,7 @@ class InferenceRequest:
         self._trace = trace or _NO_TRACE
         self._is_cancelled: Callable[[], bool] | None = None
         self._release_flags = TRITONSERVER_REQUEST_RELEASE_ALL
+        self._sender: Any = None
 
     @classmethod
     def _incoming(
@@ -466,6 +469,7 @@ class InferenceRequest:
         self._trace = _NO_TRACE
         self._is_cancelled = is_cancelled
         self._release_flags = TRITONSERVER_REQUEST_RELEASE_ALL
+        self._sender = None
         return self
 
     def inputs(self) -> list[Tensor]:
@@ -505,11 +509,14 @@ class InferenceRequest:
     def set_release_flags(self, flags: int) -> None:
         self._release_flags = _unsigned("flags", flags)
 
-    def get_response_sender(self) -> NoReturn:
-        raise TritonModelException(
-            "InferenceRequest.get_response_sender(): decoupled models and response senders are not "
-            "supported by fuserve yet; return one InferenceResponse per request from execute()"
-        )
+    def get_response_sender(self) -> Any:
+        """A decoupled model's way to answer this request (response_sender.py)."""
+        if self._sender is None:
+            raise TritonModelException(
+                "InferenceRequest.get_response_sender(): only decoupled models (model_transaction_policy "
+                "{ decoupled: true }) have a response sender in fuserve; return one InferenceResponse per "
+                "request from execute()")
+        return self._sender
 
     def exec(self, decoupled: bool = False) -> InferenceResponse:
         """Run this request on another model (BLS) and wait. Failures come back as an error response;
