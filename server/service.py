@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -37,7 +37,8 @@ class _Call:
     prepared: int
 
 
-EXTENSIONS = ("binary_tensor_data", "model_configuration", "model_repository", "parameters", "statistics")
+EXTENSIONS = ("binary_tensor_data", "model_configuration", "model_repository", "parameters", "statistics",
+              "generate")
 
 
 @dataclass(frozen=True)
@@ -290,7 +291,7 @@ class InferenceService:
             mv.scheduler.withdraw(pending)
             raise
 
-    async def stream(self, request: InferRequest) -> AsyncIterator[tuple[InferResponse | None, bool]]:
+    async def stream(self, request: InferRequest) -> AsyncGenerator[tuple[InferResponse | None, bool], None]:
         """A request's responses as they come, each with whether it is the last: any number from a
         decoupled model (a flag-only final comes as (None, True)), exactly one from any other. An
         error raises, after the responses sent before it. Closing the iterator early (the client

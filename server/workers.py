@@ -21,7 +21,7 @@ import json
 import logging
 import socket
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from typing import Any
 
 from . import ipc
@@ -90,6 +90,8 @@ class WorkerEndpoint:
     async def _http(self, rid: int, payload: tuple) -> None:
         method, path, headers, body = payload
         response: HttpResponse = await self.rest(HttpRequest(method, path, headers, body))
+        if response.stream is not None:
+            response.body = await _gathered(response.stream)
         self._send(("http", rid, (response.status, response.body, response.content_type, response.headers)))
 
     async def _grpc(self, rid: int, payload: tuple[str, bytes, dict[str, str], str]) -> None:
@@ -199,3 +201,23 @@ def reuseport_socket(host: str, port: int) -> socket.socket:
     sock.bind((host, port))
     sock.setblocking(False)
     return sock
+
+
+# The link carries one answer per request: a streamed answer (generate_stream) is gathered here
+# first, its events arriving together at the end, up to this much.
+MAX_GATHERED = 8 << 20
+
+
+async def _gathered(stream: AsyncGenerator[bytes, None]) -> bytes:
+    pieces, size = [], 0
+    try:
+        async for piece in stream:
+            size += len(piece)
+            if size > MAX_GATHERED:
+                pieces.append(b'data: {"error":"the event stream exceeds what --frontend-workers gathers for one '
+                              b'answer (8 MiB); serve streams without --frontend-workers"}\n\n')
+                break
+            pieces.append(piece)
+    finally:
+        await stream.aclose()
+    return b"".join(pieces)

@@ -33,6 +33,21 @@ def wait_until(condition, timeout: float = 60.0, what: str = "condition") -> Non
         time.sleep(0.002)
 
 
+def settled_count(path, still: float = 1.5, timeout: float = 60.0) -> int:
+    """The count a model keeps rewriting in `path` (tests/python_models.py REPEAT's "progress"),
+    once it has not changed for `still` seconds; fail the test after `timeout` seconds."""
+    seen, quiet = -1, 0.0
+    deadline = time.monotonic() + timeout
+    while quiet < still:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the count in {path} kept changing for {timeout}s (last {seen})")
+        time.sleep(0.25)
+        now = int(path.read_text())
+        quiet = quiet + 0.25 if now == seen else 0.0
+        seen = now
+    return seen
+
+
 def model_stats(server, model: str) -> dict:
     """The statistics extension's entry for `model` (its one loaded version)."""
     status, _, body = server.request("GET", f"/v2/models/{model}/stats")

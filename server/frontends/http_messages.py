@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 import zlib
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
 from email.utils import formatdate
 from http import HTTPStatus
@@ -39,6 +39,10 @@ class HttpResponse:
     body: bytes
     content_type: bytes = b"application/json"
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    # Set for a streamed answer (server-sent events): the body's pieces as they come, sent chunked,
+    # each flushed as it arrives; the next is taken only once the transport has room (backpressure).
+    # The transport closes it early when the client goes away. `body` is then unused.
+    stream: AsyncGenerator[bytes, None] | None = None
 
 
 @dataclass(frozen=True, slots=True)

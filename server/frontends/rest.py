@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import logging
 import operator
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from urllib.parse import unquote
 
 import orjson
 
 from .. import access
-from ..codecs import v2_json
+from ..codecs import generate, v2_json
 from ..errors import DecoupledUnary, InvalidArgument, NotFound, ServerError, Unsupported, as_server_error
 from ..model_config import config_to_json
 from ..service import InferenceService
@@ -31,6 +31,7 @@ _OK_EMPTY = HttpResponse(200, b"")
 _NOT_READY = HttpResponse(400, b"")  # Triton answers a negative health check with 400 and no body
 _BINARY = b"application/octet-stream"
 _HEADER_LENGTH = "inference-header-content-length"
+_EVENT_STREAM = b"text/event-stream; charset=utf-8"
 
 
 def error_body(message: str) -> bytes:
@@ -123,8 +124,8 @@ ROUTES: tuple[Route, ...] = (
     *_model_routes("/config", access.MODEL_CONFIG, "GET", "model_config"),
     *_model_routes("/stats", access.STATISTICS, "GET", "model_statistics"),
     *_model_routes("/infer", access.INFERENCE, "POST", "infer"),
-    *_model_routes("/generate", access.INFERENCE),
-    *_model_routes("/generate_stream", access.INFERENCE),
+    *_model_routes("/generate", access.INFERENCE, "POST", "generate"),
+    *_model_routes("/generate_stream", access.INFERENCE, "POST", "generate_stream"),
     Route("/v2/models/{model}/trace/setting", access.TRACE),
     Route("/v2/trace/setting", access.TRACE),
     Route("/v2/logging", access.LOGGING),
@@ -237,6 +238,20 @@ class Router:
         return None
 
 
+async def _events(first: InferResponse | None, rest: AsyncGenerator[tuple[InferResponse | None, bool], None]
+                  ) -> AsyncGenerator[bytes, None]:
+    try:
+        if first is not None:
+            yield generate.event(generate.encode_response(first))
+        async for response, _ in rest:
+            if response is not None:
+                yield generate.event(generate.encode_response(response))
+    except Exception as exc:
+        yield generate.event(orjson.dumps({"error": as_server_error(exc).message}))
+    finally:
+        await rest.aclose()
+
+
 async def _not_found(request: HttpRequest, *captures: str) -> HttpResponse:
     raise NotFound(f"no such endpoint: {request.method} {request.path}")
 
@@ -257,6 +272,8 @@ class RestFrontend:
             "model_config": self._config,
             "model_statistics": self._stats,
             "infer": self._infer,
+            "generate": self._generate,
+            "generate_stream": self._generate_stream,
             "repository_index": self._index,
             "repository_load": self._load,
             "repository_unload": self._unload,
@@ -287,6 +304,47 @@ class RestFrontend:
 
     async def _infer(self, request: HttpRequest, name: str, version: str = "") -> HttpResponse:
         return await infer_endpoint(request, name, version, self.service.infer)
+
+    # ---- the generate extension (codecs/generate.py) ---------------------------------------------
+
+    def _generate_request(self, request: HttpRequest, name: str, version: str) -> InferRequest:
+        md = self.service.model_metadata(name, version)
+        batching = self.service.model_config(name, version).max_batch_size > 0
+        return generate.decode_request(request.body, name, version, {t.name: t.datatype for t in md.inputs},
+                                       batching)
+
+    async def _generate(self, request: HttpRequest, name: str, version: str = "") -> HttpResponse:
+        """Exactly one response, as one JSON object."""
+        responses = self.service.stream(self._generate_request(request, name, version))
+        try:
+            got: list[InferResponse] = []
+            async for response, _ in responses:
+                if response is not None:
+                    got.append(response)
+                if len(got) > 1:
+                    break
+        finally:
+            await responses.aclose()
+        if len(got) != 1:
+            raise InvalidArgument(f"generate expects model '{name}' to produce exactly one response, it produced "
+                                  f"{'none' if not got else 'more than one'}; use generate_stream for models that "
+                                  f"send zero or many responses")
+        return HttpResponse(200, generate.encode_response(got[0]))
+
+    async def _generate_stream(self, request: HttpRequest, name: str, version: str = "") -> HttpResponse:
+        """Server-sent events, one `data:` per response as the model sends it. What fails before the
+        first response is a plain JSON error with its status; what fails after it, an event
+        `data: {"error": ...}` that ends the stream."""
+        responses = self.service.stream(self._generate_request(request, name, version))
+        try:
+            first, final = await anext(responses)
+        except BaseException:
+            await responses.aclose()
+            raise
+        if first is None and final:  # zero responses
+            await responses.aclose()
+            return HttpResponse(200, b"", _EVENT_STREAM)
+        return HttpResponse(200, b"", _EVENT_STREAM, stream=_events(first, responses))
 
     async def _metadata(self, request: HttpRequest, name: str, version: str = "") -> HttpResponse:
         md = self.service.model_metadata(name, version)

@@ -214,6 +214,15 @@ def test_a_decoupled_model_is_refused_clearly_through_a_worker(server):
     assert info.value.status() == "501" and "decoupled" in info.value.message()
 
 
+def test_generate_stream_through_a_worker_gathers_the_events(server):
+    """The worker link carries one answer per request: the events arrive, all of them, at the end."""
+    status, headers, body = server.request("POST", "/v2/models/repeat/generate_stream",
+                                           json.dumps({"IN": [3, 4, 5]}).encode())
+    assert status == 200 and headers.get("content-type") == "text/event-stream; charset=utf-8", (status, headers)
+    events = [json.loads(e[len("data: "):]) for e in body.decode().split("\n\n") if e]
+    assert [e["OUT"] for e in events] == [3, 4, 5]
+
+
 def test_a_cancelled_call_drops_its_queued_request(server):
     """RST_STREAM at a worker reaches the scheduler: the queued request is dropped, never executed."""
     before = stats(server, "slow")
