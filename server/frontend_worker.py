@@ -24,6 +24,7 @@ from typing import Any
 
 from . import access, ipc, tls
 from ._proto import grpc_service_pb2 as pb
+from .codecs.v2_proto import Serialized
 from .context import CallContext
 from .errors import Unavailable
 from .frontends.grpc_server import CallError, GrpcServer, Method
@@ -35,13 +36,6 @@ from .types import InferRequest, InferResponse
 from .workers import reuseport_socket
 
 log = logging.getLogger("fuserve.worker")
-
-
-class _Raw(bytes):
-    """A reply already serialized by the scheduler process."""
-
-    def SerializeToString(self) -> bytes:  # noqa: N802 (protobuf's name)
-        return bytes(self)
 
 
 class SchedulerClient:
@@ -95,11 +89,11 @@ class SchedulerClient:
         return HttpResponse(status, body, content_type, headers)
 
     def grpc_forwarder(self, path: str) -> Any:
-        async def call(message: bytes, ctx: CallContext) -> _Raw:
+        async def call(message: bytes, ctx: CallContext) -> Serialized:
             code, text, reply = await self._call("grpc", (path, message, dict(ctx.headers), ctx.peer))
             if code:
                 raise CallError(code, text)  # the scheduler's answer, passed on as it is
-            return _Raw(reply)
+            return Serialized(reply)
         return call
 
 

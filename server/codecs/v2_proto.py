@@ -110,6 +110,23 @@ def decode_request(msg: pb.ModelInferRequest) -> InferRequest:
                         parameters_from_proto(params) if params else {})
 
 
+class Serialized(bytes):
+    """A message already in wire form, where a protobuf message is expected (`SerializeToString`)."""
+
+    def SerializeToString(self) -> bytes:  # noqa: N802 (protobuf's name)
+        return bytes(self)
+
+
+def varint(n: int) -> bytes:
+    """Protobuf's base-128 varint of a non-negative int."""
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
 def encode_response(response: InferResponse) -> pb.ModelInferResponse:
     msg = pb.ModelInferResponse(model_name=response.model_name, model_version=response.model_version,
                                 id=response.id)

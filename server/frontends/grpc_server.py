@@ -464,7 +464,8 @@ class GrpcProtocol(asyncio.Protocol):
         if end:
             self._close_call(call)
             conn.send_trailers(call.sid, _TRAILERS_OK)
-        self._write_out()
+            return self._write_out()
+        self._write_soon()  # a stream's replies that come in one loop turn leave in one write
 
     def _end(self, call: Call, code: int, message: str) -> None:
         """End the call with `code`: trailers (or a trailers-only response) after any reply still

@@ -90,7 +90,7 @@ class GrpcInfer:
             raise Unsupported(_UNARY_DECOUPLED) from None
 
     async def stream_infer(self, request: pb.ModelInferRequest,
-                           ctx: CallContext) -> AsyncIterator[pb.ModelStreamInferResponse]:
+                           ctx: CallContext) -> AsyncIterator[pb.ModelStreamInferResponse | v2_proto.Serialized]:
         """One request on ModelStreamInfer: its replies, as Triton 2.51 sends them. A decoupled
         model's data responses carry `triton_final_response: false`; its flag-only final is an
         empty response with `triton_final_response: true`, sent only when the request asked for it
@@ -115,7 +115,7 @@ class GrpcInfer:
                         yield _flag_only_final(infer_request)
                     continue
                 one.parameters["triton_final_response"] = final
-                yield pb.ModelStreamInferResponse(infer_response=v2_proto.encode_response(one))
+                yield _stream_reply(v2_proto.encode_response(one))
         except Exception as exc:
             yield pb.ModelStreamInferResponse(
                 error_message=as_server_error(exc).message,
@@ -125,6 +125,13 @@ class GrpcInfer:
 
 _UNARY_DECOUPLED = "ModelInfer RPC doesn't support models with decoupled transaction policy"
 _EMPTY_FINAL = "triton_enable_empty_final_response"  # what tritonclient's enable_empty_final_response sends
+
+
+def _stream_reply(response: pb.ModelInferResponse) -> v2_proto.Serialized:
+    """ModelStreamInferResponse{infer_response: response}, serialized without copying the response
+    into a wrapper message: field 2, length-delimited."""
+    inner = response.SerializeToString()
+    return v2_proto.Serialized(b"\x12" + v2_proto.varint(len(inner)) + inner)
 
 
 def _flag_only_final(request: InferRequest) -> pb.ModelStreamInferResponse:
