@@ -182,8 +182,20 @@ class ServerMetrics:
             "batch": HistogramMetricFamily("fuserve_batch_size", "Rows per model execution",
                                            labels=["model", "version"]),
         }
+        streams = {
+            "first_response": HistogramMetricFamily("nv_inference_first_response_histogram_ms",
+                                                    "Duration from request to first response in milliseconds",
+                                                    labels=["model", "version"]),
+            "responses": HistogramMetricFamily("fuserve_responses_per_request",
+                                               "Responses a decoupled model sent per request",
+                                               labels=["model", "version"]),
+        }
         for mv in versions:
             labels = {"model": mv.name, "version": str(mv.version)}
+            if mv.decoupled and mv.stats.histograms is not None:
+                for key, family in streams.items():
+                    h = mv.stats.histograms[key]
+                    family.add_metric([mv.name, str(mv.version)], buckets=h.cumulative(), sum_value=h.total)
             s = mv.stats
             success.add_sample(success.name, labels, s.success.count)
             for reason in FAILURE_REASONS:
@@ -198,7 +210,8 @@ class ServerMetrics:
                 if s.histograms is not None:
                     h = s.histograms[key]
                     fam.add_metric([mv.name, str(mv.version)], buckets=h.cumulative(), sum_value=h.total)
-        yield from (success, failure, count, execs, pending, *durations.values(), load, *hists.values())
+        yield from (success, failure, count, execs, pending, *durations.values(), load, *hists.values(),
+                    *streams.values())
         yield from self._host_and_gpu()
 
     def _host_and_gpu(self) -> Iterator[Metric]:

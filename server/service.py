@@ -313,18 +313,24 @@ class InferenceService:
             pending.future.add_done_callback(lambda f: None if f.cancelled() or f.exception() is None
                                              else sink.fail(cast(BaseException, f.exception())))
             outcome: Outcome | None = None
+            first, sent = 0, 0
             while True:
                 result, final = await sink.get()
+                if not first:
+                    first = time.perf_counter_ns() - start
                 if isinstance(result, BaseException):
                     raise result
                 if pending.future.done() and outcome is None and not pending.future.cancelled():
                     outcome = pending.future.result()
+                if result is not None:
+                    sent += 1
                 yield (None if result is None else _response(mv, request, call.names, result)), final
                 if final:
                     break
             if outcome is None and pending.future.done():
                 outcome = pending.future.result()
             self._record(mv, call, outcome or Outcome({}, 0, 0, 0, 0), time.perf_counter_ns())
+            mv.stats.record_stream(first, sent)
         except BaseException as exc:
             _failed(mv, start, exc)
             raise

@@ -20,6 +20,7 @@ from prometheus_client.utils import floatToGoString
 # Histogram bucket upper bounds (the +Inf bucket is implied).
 LATENCY_BUCKETS_MS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+RESPONSE_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 16384)
 
 
 
@@ -93,7 +94,15 @@ class ModelStats:
 
     def enable_histograms(self) -> None:
         self.histograms = {"request": Histogram(LATENCY_BUCKETS_MS), "queue": Histogram(LATENCY_BUCKETS_MS),
-                           "compute": Histogram(LATENCY_BUCKETS_MS), "batch": Histogram(BATCH_BUCKETS)}
+                           "compute": Histogram(LATENCY_BUCKETS_MS), "batch": Histogram(BATCH_BUCKETS),
+                           "first_response": Histogram(LATENCY_BUCKETS_MS), "responses": Histogram(RESPONSE_BUCKETS)}
+
+    def record_stream(self, first_ns: int, responses: int) -> None:
+        """A decoupled model's request, done: how long until its first response (or its final, when
+        it sent none) and how many responses it sent."""
+        if self.histograms is not None:
+            self.histograms["first_response"].observe(first_ns / 1e6)
+            self.histograms["responses"].observe(responses)
 
     def record_execution(self, batch_size: int, input_ns: int, infer_ns: int, output_ns: int) -> None:
         """One model execution of `batch_size` rows."""

@@ -247,3 +247,30 @@ def test_a_model_that_is_not_decoupled_answers_once_on_the_stream(server):
     finally:
         client.stop_stream()
         client.close()
+
+
+def test_stream_metrics_count_first_responses_and_responses_per_request(server):
+    def sample(name: str, **labels) -> float:
+        for family in server.metrics().values():
+            for s in family.samples:
+                if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                    return s.value
+        raise KeyError(name)
+
+    before = sample("nv_inference_first_response_histogram_ms_count", model="repeat", version="1")
+    first_ms = sample("nv_inference_first_response_histogram_ms_sum", model="repeat", version="1")
+    sent = sample("fuserve_responses_per_request_sum", model="repeat", version="1")
+    s = Stream(server)
+    try:
+        s.send([1, 2, 3], request_id="m", empty_final=True, mode="thread", delay_ms=100)
+        got = [s.next() for _ in range(4)]
+        assert all(err is None for _, err in got)
+    finally:
+        s.close()
+    wait_until(lambda: sample("nv_inference_first_response_histogram_ms_count", model="repeat",
+                              version="1") == before + 1, 10, "the request in the first-response histogram")
+    assert sample("fuserve_responses_per_request_sum", model="repeat", version="1") == sent + 3
+    # the request took 300 ms (three sends 100 ms apart); its first response came long before that
+    assert sample("nv_inference_first_response_histogram_ms_sum", model="repeat", version="1") - first_ms < 150
+    assert "nv_inference_first_response_histogram_ms" not in {
+        f for f, fam in server.metrics().items() if any(s.labels.get("model") == "add_sub_py" for s in fam.samples)}
