@@ -291,15 +291,16 @@ class InferenceService:
             mv.scheduler.withdraw(pending)
             raise
 
-    async def stream(self, request: InferRequest) -> AsyncGenerator[tuple[InferResponse | None, bool], None]:
+    async def stream(self, request: InferRequest, *, internal: bool = False, runner: Runner | None = None
+                     ) -> AsyncGenerator[tuple[InferResponse | None, bool], None]:
         """A request's responses as they come, each with whether it is the last: any number from a
         decoupled model (a flag-only final comes as (None, True)), exactly one from any other. An
         error raises, after the responses sent before it. Closing the iterator early (the client
         went away) cancels the request: queued work is dropped, the model's `is_cancelled()` turns
-        true and what it sends after is dropped."""
-        mv = self._admit(request)
+        true and what it sends after is dropped. `internal` and `runner` as for `infer` (a BLS call)."""
+        mv = self.repository.get(request.model_name, request.model_version) if internal else self._admit(request)
         if not mv.decoupled:
-            yield await self.infer(request), True
+            yield await self.infer(request, internal=internal, runner=runner), True
             return
         start = time.perf_counter_ns()
         self._in_flight += 1
@@ -309,6 +310,7 @@ class InferenceService:
         try:
             call = self._prepare(mv, request, start)
             call.work.respond, call.work.is_cancelled = sink.respond, sink.cancelled
+            call.work.runner = runner
             pending = mv.scheduler.enqueue(call.work)
             pending.future.add_done_callback(lambda f: None if f.cancelled() or f.exception() is None
                                              else sink.fail(cast(BaseException, f.exception())))

@@ -386,3 +386,62 @@ output [ { name: "OUT", data_type: TYPE_INT32, dims: [ 1 ] }, { name: "IDX", dat
 model_transaction_policy { decoupled: true }
 instance_group [ { count: 4, kind: KIND_CPU } ]
 '''
+
+# BLS to the decoupled REPEAT: exec(decoupled=True) (or, with the parameter "async",
+# async_exec(decoupled=True)) on IN, passing on "error_at"; answers SUM of the OUTs it got, N the
+# number of responses (the flag-only final is an empty one), ERROR the last error's message or "".
+BLS_REPEAT = '''
+import json
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    async def execute(self, requests):
+        responses = []
+        for request in requests:
+            params = json.loads(request.parameters())
+            call = pb_utils.InferenceRequest(
+                model_name="repeat", inputs=[pb_utils.get_input_tensor_by_name(request, "IN")],
+                requested_output_names=["OUT", "IDX"],
+                parameters={k: v for k, v in params.items() if k == "error_at"})
+            got = await call.async_exec(decoupled=True) if params.get("async") else call.exec(decoupled=True)
+            total, n, error = 0, 0, ""
+            for r in got:
+                n += 1
+                if r.has_error():
+                    error = r.error().message()
+                elif r.output_tensors():
+                    total += int(pb_utils.get_output_tensor_by_name(r, "OUT").as_numpy()[0])
+            responses.append(pb_utils.InferenceResponse([
+                pb_utils.Tensor("SUM", np.array([total], np.int32)), pb_utils.Tensor("N", np.array([n], np.int32)),
+                pb_utils.Tensor("ERROR", np.array([error.encode()], dtype=object))]))
+        return responses
+'''
+BLS_REPEAT_CONFIG = '''
+backend: "python"
+max_batch_size: 0
+input [ { name: "IN", data_type: TYPE_INT32, dims: [ -1 ] } ]
+output [ { name: "SUM", data_type: TYPE_INT32, dims: [ 1 ] }, { name: "N", data_type: TYPE_INT32, dims: [ 1 ] },
+         { name: "ERROR", data_type: TYPE_STRING, dims: [ 1 ] } ]
+'''
+
+# Returns N * 2**K as a numpy int64 (numpy's default) for its TYPE_INT32 output, K the parameter "k"
+# (default 0): it fits for small values and does not past 2**31.
+WIDENED = '''
+import json
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        out = []
+        for r in requests:
+            n = int(pb_utils.get_input_tensor_by_name(r, "N").as_numpy()[0])
+            k = json.loads(r.parameters()).get("k", 0)
+            out.append(pb_utils.InferenceResponse([pb_utils.Tensor("OUT", np.array([n * 2 ** k]))]))
+        return out
+'''

@@ -89,66 +89,88 @@ class Bridge:
         self.loop = loop
         self._loop_thread = threading.get_ident()  # built on the loop's thread (app.py)
 
-    def _begin(self, request: pb_utils.InferenceRequest, decoupled: bool, how: str
-               ) -> InferRequest | pb_utils.InferenceResponse:
+    def _begin(self, request: pb_utils.InferenceRequest) -> InferRequest | pb_utils.InferenceResponse:
         """The core request for `request`, or the error response that answers it at once."""
-        if decoupled:
-            return _error_response(request._model_name, Unsupported(
-                f"decoupled BLS calls ({how}(decoupled=True)) are not supported by fuserve yet"))
         try:
             return _core_request(request)
         except Exception as exc:
             return _error_response(request._model_name, InvalidArgument(f"cannot build the request: {exc}"))
 
-    def _submit(self, core: InferRequest, runner: Any) -> tuple[Any, Any]:
-        """Mark our instance as lendable while we wait (lending.py), then hand the request to the loop."""
+    def _call(self, core: InferRequest, runner: Any, decoupled: bool) -> Any:
+        """The coroutine that answers `core` on the loop: one response, or (decoupled) all of them."""
+        if decoupled:
+            return self._collect(core, runner)
+        return self.service.infer(core, internal=True, runner=runner)
+
+    async def _collect(self, core: InferRequest, runner: Any) -> list[pb_utils.InferenceResponse]:
+        """`exec(decoupled=True)`: every response of the callee until its final, as Triton's iterator
+        gives them (a flag-only final as an empty response); an error is the last response."""
+        out = []
+        try:
+            async for one, _ in self.service.stream(core, internal=True, runner=runner):
+                out.append(pb_utils.InferenceResponse() if one is None else _response(one))
+        except Exception as exc:
+            out.append(_error_response(core.model_name, exc))
+        return out
+
+    def _submit(self, call: Any) -> tuple[Any, Any]:
+        """Mark our instance as lendable while we wait (lending.py), then hand the call to the loop."""
         slot = held()
         if slot is not None:
             self.loop.call_soon_threadsafe(slot[0].block, slot[1])
-        return slot, asyncio.run_coroutine_threadsafe(self.service.infer(core, internal=True, runner=runner), self.loop)
+        return slot, asyncio.run_coroutine_threadsafe(call, self.loop)
 
     def _end(self, slot: Any) -> None:
         if slot is not None:
             self.loop.call_soon_threadsafe(slot[0].unblock, slot[1])
 
-    def exec(self, request: pb_utils.InferenceRequest, decoupled: bool) -> pb_utils.InferenceResponse:
+    def exec(self, request: pb_utils.InferenceRequest, decoupled: bool) -> Any:
+        """One response; with `decoupled`, an iterator over the callee's responses."""
         if threading.get_ident() == self._loop_thread:
-            return _error_response(request._model_name, Unavailable(
+            return _answer(decoupled, _error_response(request._model_name, Unavailable(
                 "BLS exec() was called on the server's event loop thread, where waiting for the answer would "
-                "block the loop that computes it; call it from execute(), or use await async_exec()"))
-        core = self._begin(request, decoupled, "exec")
+                "block the loop that computes it; call it from execute(), or use await async_exec()")))
+        core = self._begin(request)
         if isinstance(core, pb_utils.InferenceResponse):
-            return core
+            return _answer(decoupled, core)
         waiter = Waiter(self.loop)
-        slot, answer = self._submit(core, waiter.runner)
+        slot, answer = self._submit(self._call(core, waiter.runner, decoupled))
         try:
-            return _response(waiter.wait(answer, request._timeout / 1e6 if request._timeout else None))
+            got = waiter.wait(answer, request._timeout / 1e6 if request._timeout else None)
+            return iter(got) if decoupled else _response(got)
         except TimeoutError:
             answer.cancel()
-            return _error_response(core.model_name, _timed_out(request))
+            return _answer(decoupled, _error_response(core.model_name, _timed_out(request)))
         except BaseException as exc:
-            return _error_response(core.model_name, exc)
+            return _answer(decoupled, _error_response(core.model_name, exc))
         finally:
             self._end(slot)
 
-    async def async_exec(self, request: pb_utils.InferenceRequest, decoupled: bool) -> pb_utils.InferenceResponse:
-        core = self._begin(request, decoupled, "async_exec")
+    async def async_exec(self, request: pb_utils.InferenceRequest, decoupled: bool) -> Any:
+        core = self._begin(request)
         if isinstance(core, pb_utils.InferenceResponse):
-            return core
+            return _answer(decoupled, core)
         model_loop = asyncio.get_running_loop()
         if model_loop is self.loop:  # awaited on the server's loop itself: nothing to lend, nothing blocks
             try:
-                return _response(await self.service.infer(core, internal=True))
+                got = await self._call(core, None, decoupled)
+                return iter(got) if decoupled else _response(got)
             except Exception as exc:
-                return _error_response(core.model_name, exc)
-        slot, answer = self._submit(core, AsyncWaiter(self.loop, model_loop).runner)
+                return _answer(decoupled, _error_response(core.model_name, exc))
+        slot, answer = self._submit(self._call(core, AsyncWaiter(self.loop, model_loop).runner, decoupled))
         try:
             timeout = request._timeout / 1e6 if request._timeout else None
-            return _response(await asyncio.wait_for(asyncio.wrap_future(answer), timeout))
+            got = await asyncio.wait_for(asyncio.wrap_future(answer), timeout)
+            return iter(got) if decoupled else _response(got)
         except TimeoutError:
             answer.cancel()
-            return _error_response(core.model_name, _timed_out(request))
+            return _answer(decoupled, _error_response(core.model_name, _timed_out(request)))
         except Exception as exc:
-            return _error_response(core.model_name, exc)
+            return _answer(decoupled, _error_response(core.model_name, exc))
         finally:
             self._end(slot)
+
+
+def _answer(decoupled: bool, response: pb_utils.InferenceResponse) -> Any:
+    """What exec() returns for one response: it, or (decoupled) an iterator over it alone."""
+    return iter([response]) if decoupled else response

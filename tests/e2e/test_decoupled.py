@@ -27,6 +27,7 @@ def server(start_server, tmp_path_factory):
     repo = tmp_path_factory.mktemp("decoupled")
     pm.write(repo, "repeat", pm.REPEAT_CONFIG, pm.REPEAT)
     pm.write(repo, "add_sub_py", pm.ADD_SUB_CONFIG, pm.ADD_SUB)
+    pm.write(repo, "bls_repeat", pm.BLS_REPEAT_CONFIG, pm.BLS_REPEAT)
     return start_server(repo)
 
 
@@ -274,3 +275,17 @@ def test_stream_metrics_count_first_responses_and_responses_per_request(server):
     assert sample("nv_inference_first_response_histogram_ms_sum", model="repeat", version="1") - first_ms < 150
     assert "nv_inference_first_response_histogram_ms" not in {
         f for f, fam in server.metrics().items() if any(s.labels.get("model") == "add_sub_py" for s in fam.samples)}
+
+
+@pytest.mark.parametrize("how", ["exec", "async_exec"])
+def test_bls_exec_decoupled_iterates_the_callees_responses(server, how):
+    def call(values, **parameters):
+        t = httpclient.InferInput("IN", [len(values)], "INT32")
+        t.set_data_from_numpy(np.array(values, np.int32))
+        params = {"async": True, **parameters} if how == "async_exec" else parameters
+        r = httpclient.InferenceServerClient(server.http_url).infer("bls_repeat", [t], parameters=params or None)
+        return int(r.as_numpy("SUM")[0]), int(r.as_numpy("N")[0]), r.as_numpy("ERROR")[0].decode()
+
+    assert call([1, 2, 3]) == (6, 4, "")  # three responses and the flag-only final
+    assert call([]) == (0, 1, "")  # just the final
+    assert call([5, 6, 7], error_at=1) == (5, 2, "value 6 refused")  # the error is the last response

@@ -36,6 +36,7 @@ def repo(tmp_path_factory):
     pm.write(repo, "ping", pm.COUNTDOWN_CONFIG, pm.COUNTDOWN.format(callee="pong"))
     pm.write(repo, "pong", pm.COUNTDOWN_CONFIG, pm.COUNTDOWN.format(callee="ping"))
     pm.write(repo, "stateful", pm.ONE_INT_CONFIG + "sequence_batching { }\n", pm.FINALIZE)
+    pm.write(repo, "widened", pm.ONE_INT_CONFIG, pm.WIDENED)
     generated(repo, "add_sub", "onnx_decoupled")  # decoupled is for Python models only
     cfg = repo / "onnx_decoupled" / "config.pbtxt"
     cfg.write_text(cfg.read_text() + "model_transaction_policy { decoupled: true }\n")
@@ -120,6 +121,17 @@ def test_an_exception_in_execute_is_a_500_naming_the_model_and_the_exception(pro
     assert "pyerrors" in err.message() and "ValueError: model.py chose to raise" in err.message()
     result = _client(protocol, server).infer("pyerrors", _inputs(protocol, MODE=np.array([0], np.int32)))
     assert result.as_numpy("OUT").tolist() == [0]
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_an_output_of_another_width_comes_back_as_the_config_declares_it(protocol, server):
+    result = _client(protocol, server).infer("widened", _inputs(protocol, N=np.array([21], np.int32)))
+    out = result.as_numpy("OUT")
+    assert out.dtype == np.int32 and out.tolist() == [21]  # numpy's int64, answered as the declared INT32
+    with pytest.raises(InferenceServerException) as info:  # a value INT32 cannot hold is refused
+        _client(protocol, server).infer("widened", _inputs(protocol, N=np.array([3], np.int32)),
+                                        parameters={"k": 31})
+    assert "OUT" in info.value.message() and "TYPE_INT32" in info.value.message(), info.value.message()
 
 
 def test_get_response_sender_fails_clearly_for_a_model_that_is_not_decoupled(server):

@@ -429,7 +429,7 @@ class FakeBridge:
         if request._model_name == "outside":
             raise TritonModelException("BLS is only supported during the 'execute' function.")
         if decoupled:
-            return InferenceResponse(error=TritonError("decoupled BLS is not supported", TritonError.UNSUPPORTED))
+            return iter([InferenceResponse(output_tensors=[Tensor("OUT", np.array([1]))]), InferenceResponse()])
         doubled = request.inputs()[0].as_numpy() * 2
         return InferenceResponse(output_tensors=[Tensor("OUT", doubled)])
 
@@ -448,9 +448,11 @@ def test_exec_goes_through_the_bridge():
     response = request.exec()
     assert not response.has_error()
     assert pb_utils.get_output_tensor_by_name(response, "OUT").as_numpy().tolist() == [2.0, 4.0]
-    streamed = request.exec(decoupled=True)
-    assert streamed.error().code() == TritonError.UNSUPPORTED
+    streamed = list(request.exec(decoupled=True))
+    assert len(streamed) == 2 and not streamed[1].output_tensors()
     assert bridge.calls == [("m", False), ("m", True)]
+    [error] = list(_request(model_name="boom").exec(decoupled=True))  # an error: an iterator over it alone
+    assert error.has_error() and error.error().message() == "model 'boom' exploded"
     failed = _request(model_name="boom").exec()
     assert failed.has_error() and failed.error().message() == "model 'boom' exploded"
     with pytest.raises(TritonModelException, match="only supported during the 'execute'"):

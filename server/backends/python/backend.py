@@ -196,8 +196,11 @@ class PythonInstance:
                 if arr.dtype != object:
                     arr = pb_utils._bytes_object_array(arr)
             elif want is not None and arr.dtype != want.numpy:
-                return BackendError(f"model '{self.name}' returned output '{name}' as {arr.dtype}, but its config "
-                                    f"declares {want.config}")
+                cast = _as_declared(arr, want.numpy)
+                if cast is None:
+                    return BackendError(f"model '{self.name}' returned output '{name}' as {arr.dtype}, which does "
+                                        f"not convert to its config's {want.config} without changing a value")
+                arr = cast
             out[name] = arr
         return out
 
@@ -212,6 +215,22 @@ class PythonInstance:
         if self._loop is not None:
             self._loop.close()
         sys.modules.pop(self._module_name, None)
+
+
+def _as_declared(arr: np.ndarray, want: np.dtype) -> np.ndarray | None:
+    """An output in its config's datatype when it only differs in width or kind within numbers (a
+    model's `np.array([0])` is int64 for a TYPE_INT32 output, `np.array([0.5])` float64 for
+    TYPE_FP32; Triton's examples rely on it): integers must keep their values; floats are
+    rounded to the declared precision. None when it cannot be (a string for a number, an int64
+    that does not fit in INT32). Triton would return the array's own type, against the model's
+    metadata; fuserve answers with the type the metadata declares."""
+    if not np.can_cast(arr.dtype, want, casting="same_kind") and not (arr.dtype.kind in "iub" and
+                                                                        want.kind in "iu"):
+        return None
+    cast = arr.astype(want)
+    if want.kind in "iub" and not np.array_equal(cast, arr):
+        return None
+    return cast
 
 
 def _tensor(name: str, arr: np.ndarray) -> pb_utils.Tensor:

@@ -15,8 +15,8 @@ Where fuserve differs, by choice:
 - `to_dlpack()` of a read-only array returns a versioned ("dltensor_versioned") capsule, numpy's only
   zero-copy export of read-only memory; writable arrays give Triton's legacy "dltensor" capsule.
 - Decoupled: a decoupled model's requests have `get_response_sender()` (response_sender.py); other
-  models' raise `TritonModelException`. `exec(decoupled=True)` is passed to the bridge, which
-  answers with an error response until BLS streams exist.
+  models' raise `TritonModelException`. `exec(decoupled=True)` / `async_exec(decoupled=True)` give
+  an iterator over the callee's responses, gathered until its final.
 - Custom metrics (`MetricFamily(...)`) and model control (`load_model`, `unload_model`,
   `is_model_ready`) raise `TritonModelException`; `MetricFamily.COUNTER/GAUGE/HISTOGRAM` exist.
 - `set_release_flags` is only recorded (`request._release_flags`); rescheduling is the server's call.
@@ -518,38 +518,44 @@ class InferenceRequest:
                 "request from execute()")
         return self._sender
 
-    def exec(self, decoupled: bool = False) -> InferenceResponse:
+    def exec(self, decoupled: bool = False) -> Any:
         """Run this request on another model (BLS) and wait. Failures come back as an error response;
-        only what Triton itself raises for (e.g. BLS outside execute) raises TritonModelException."""
+        only what Triton itself raises for (e.g. BLS outside execute) raises TritonModelException.
+        With `decoupled=True`: an iterator over the callee's responses (its flag-only final as an
+        empty response; an error as the last one), once the callee has sent its final."""
         bridge = _bridge
-        if bridge is None:
-            return _no_bridge_response()
         try:
+            if bridge is None:
+                return _one_or_many(decoupled, _no_bridge_response())
             return bridge.exec(self, bool(decoupled))
         except TritonModelException:
             raise
         except Exception as exc:
-            return _bls_error_response(exc)
+            return _one_or_many(decoupled, _bls_error_response(exc))
 
-    def async_exec(self, decoupled: bool = False) -> asyncio.Task[InferenceResponse]:
+    def async_exec(self, decoupled: bool = False) -> asyncio.Task[Any]:
         """Start a BLS request on the running event loop; await the result. Like Triton's future, it
         is in flight from this call on, and needs a running loop (i.e. an `async def execute`)."""
         return asyncio.get_running_loop().create_task(self._async_exec(bool(decoupled)))
 
-    async def _async_exec(self, decoupled: bool) -> InferenceResponse:
+    async def _async_exec(self, decoupled: bool) -> Any:
         bridge = _bridge
-        if bridge is None:
-            return _no_bridge_response()
         try:
+            if bridge is None:
+                return _one_or_many(decoupled, _no_bridge_response())
             return await bridge.async_exec(self, decoupled)
         except TritonModelException:
             raise
         except Exception as exc:
-            return _bls_error_response(exc)
+            return _one_or_many(decoupled, _bls_error_response(exc))
 
     def __repr__(self) -> str:
         names = [t.name() for t in self._inputs]
         return f"InferenceRequest(id={self._request_id!r}, model={self._model_name!r}, inputs={names})"
+
+
+def _one_or_many(decoupled: bool, response: InferenceResponse) -> Any:
+    return iter([response]) if decoupled else response
 
 
 class InferenceResponse:
