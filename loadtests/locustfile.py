@@ -1,4 +1,5 @@
-"""Locust users for fuserve: KServe V2 JSON, V2 binary (HTTP) and gRPC, each reply checked.
+"""Locust users for fuserve: KServe V2 JSON, V2 binary (HTTP) and gRPC, each reply checked; and
+streams: HTTP /generate_stream and gRPC ModelStreamInfer.
 
     locust -f loadtests/locustfile.py --host http://127.0.0.1:8000                 # web UI on :8089
     locust -f loadtests/locustfile.py --host http://127.0.0.1:8000 --headless -u 32 -r 8 -t 60s
@@ -11,6 +12,11 @@ Environment:
 
 Every reply is checked: status 200, each output present with batch size 1, and for `add_sub`
 (Triton's `simple`) the sums and differences themselves. A wrong reply counts as a failure.
+
+The stream users (`GenerateStreamUser`, `GrpcStreamUser`) work with any model, decoupled (many
+responses per request) or not (one). Each request is reported three ways: `<kind>` (the whole
+request, first byte to final), `<kind> first` (time to the first response) and `<kind> response`
+(one entry per response, its time since the previous one: its rate is the response rate).
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from urllib.parse import urlparse
 
 import grpc.experimental.gevent as grpc_gevent
 import numpy as np
-from locust import FastHttpUser, User, constant, task
+from locust import FastHttpUser, HttpUser, User, constant, task
 
 grpc_gevent.init_gevent()  # grpcio must cooperate with Locust's gevent loop
 
@@ -184,3 +190,104 @@ class GrpcUser(User):
         self.environment.events.request.fire(request_type="grpc", name="grpc", response_length=length,
                                              response_time=(time.perf_counter() - start) * 1000,
                                              exception=exception, context={})
+
+
+def _fire(user: User, kind: str, name: str, seconds: float, exception: Exception | None = None) -> None:
+    user.environment.events.request.fire(request_type=kind, name=name, response_length=0,
+                                         response_time=seconds * 1000, exception=exception, context={})
+
+
+class GenerateStreamUser(HttpUser):
+    """The generate extension's server-sent events, read as they arrive."""
+
+    wait_time = constant(0)
+
+    def on_start(self) -> None:
+        r = self.client.get(f"/v2/models/{MODEL}", name="metadata")
+        self.metadata = r.json()
+        self.inputs = one_row(self.metadata)
+        config = self.client.get(f"/v2/models/{MODEL}/config", name="config").json()
+        batching = config.get("max_batch_size", 0) > 0
+        self.body = json.dumps({n: [x.decode() if isinstance(x, bytes) else x for x in
+                                    (a[0] if batching else a).reshape(-1).tolist()]
+                                for n, a in self.inputs.items()})
+
+    @task
+    def stream(self) -> None:
+        start = last = time.perf_counter()
+        exception: Exception | None = None
+        events = 0
+        try:
+            with self.client.post(f"/v2/models/{MODEL}/generate_stream", data=self.body, stream=True,
+                                  headers={"Content-Type": "application/json"}, name="generate_stream http",
+                                  catch_response=True) as r:
+                if r.status_code != 200:
+                    raise AssertionError(f"HTTP {r.status_code}: {r.text[:200]}")
+                for line in r.iter_lines():
+                    if not line:
+                        continue
+                    now = time.perf_counter()
+                    doc = json.loads(line[len(b"data: "):])
+                    if "error" in doc:
+                        raise AssertionError(doc["error"])
+                    if MODEL == "add_sub":
+                        a, b = self.inputs["INPUT0"][0], self.inputs["INPUT1"][0]
+                        if doc["OUTPUT0"] != (a + b).tolist() or doc["OUTPUT1"] != (a - b).tolist():
+                            raise AssertionError("wrong sum or difference")
+                    _fire(self, "sse", "generate_stream first" if not events else "generate_stream response",
+                          now - (start if not events else last))
+                    events, last = events + 1, now
+                r.success()
+        except Exception as exc:
+            exception = exc
+        _fire(self, "sse", "generate_stream", time.perf_counter() - start, exception)
+
+
+class GrpcStreamUser(User):
+    """ModelStreamInfer through tritonclient's stream: one request at a time, until its final."""
+
+    wait_time = constant(0)
+
+    def on_start(self) -> None:
+        import queue
+
+        host = urlparse(self.host or "http://127.0.0.1:8000").hostname or "127.0.0.1"
+        self.client = grpcclient.InferenceServerClient(os.environ.get("FUSERVE_GRPC", f"{host}:8001"))
+        self.metadata = self.client.get_model_metadata(MODEL, as_json=True)
+        self.decoupled = self.client.get_model_config(MODEL, as_json=True)["config"].get(
+            "model_transaction_policy", {}).get("decoupled", False)
+        self.inputs = one_row(self.metadata)
+        self.grpc_inputs = []
+        for (name, arr), t in zip(self.inputs.items(), self.metadata["inputs"], strict=True):
+            i = grpcclient.InferInput(name, list(arr.shape), t["datatype"])
+            i.set_data_from_numpy(arr)
+            self.grpc_inputs.append(i)
+        self.replies: queue.Queue = queue.Queue()
+        self.client.start_stream(callback=lambda result, error: self.replies.put((result, error)))
+
+    def on_stop(self) -> None:
+        self.client.stop_stream()
+        self.client.close()
+
+    @task
+    def stream(self) -> None:
+        start = last = time.perf_counter()
+        exception: Exception | None = None
+        responses = 0
+        try:
+            self.client.async_stream_infer(MODEL, self.grpc_inputs, enable_empty_final_response=self.decoupled)
+            while True:
+                result, error = self.replies.get(timeout=60)
+                if error is not None:
+                    raise error
+                now = time.perf_counter()
+                final = result.get_response().parameters.get("triton_final_response")
+                if result.get_response().outputs:
+                    _fire(self, "grpc-stream", "grpc-stream first" if not responses else "grpc-stream response",
+                          now - (start if not responses else last))
+                    responses, last = responses + 1, now
+                if not self.decoupled or (final is not None and final.bool_param):
+                    break
+        except Exception as exc:
+            exception = exc
+        _fire(self, "grpc-stream", "grpc-stream", time.perf_counter() - start, exception)

@@ -19,8 +19,12 @@ if importlib.util.find_spec("locust") is None:
     pytest.skip("locust is not installed (the test extra has it)", allow_module_level=True)
 
 
-def run_locust(server, seconds: int, users: int = 6) -> dict[str, dict]:
-    cmd = [sys.executable, "-m", "locust", "-f", str(ROOT / "loadtests" / "locustfile.py"), "--headless",
+UNARY_USERS = ("V2JsonUser", "V2BinaryUser", "GrpcUser")
+STREAM_USERS = ("GenerateStreamUser", "GrpcStreamUser")
+
+
+def run_locust(server, seconds: int, users: int = 6, classes: tuple[str, ...] = UNARY_USERS) -> dict[str, dict]:
+    cmd = [sys.executable, "-m", "locust", "-f", str(ROOT / "loadtests" / "locustfile.py"), *classes, "--headless",
            "-u", str(users), "-r", str(users), "-t", f"{seconds}s", "--host", f"http://{server.http_url}",
            "--only-summary", "--json", "--exit-code-on-error", "0"]
     env = {**os.environ, "FUSERVE_MODEL": "add_sub", "FUSERVE_GRPC": server.grpc_url}
@@ -30,10 +34,15 @@ def run_locust(server, seconds: int, users: int = 6) -> dict[str, dict]:
 
 
 def test_smoke_run_has_no_failures(server):
-    stats = run_locust(server, 15)
+    stats = run_locust(server, 15, users=10, classes=UNARY_USERS + STREAM_USERS)
     for name in ("v2-json", "v2-binary", "grpc"):
         assert stats[name]["num_failures"] == 0, stats[name]
         assert stats[name]["num_requests"] > 200, stats[name]
+    for name in ("generate_stream", "grpc-stream"):  # the stream users: one response per add_sub request
+        assert stats[name]["num_failures"] == 0, stats[name]
+        assert stats[name]["num_requests"] > 20, stats[name]
+        # every request's first response is timed (one more per user if the run stopped in between)
+        assert 0 <= stats[f"{name} first"]["num_requests"] - stats[name]["num_requests"] <= 10, stats
 
 
 def test_wrong_replies_are_counted_as_failures(start_server, tmp_path):
