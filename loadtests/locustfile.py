@@ -154,21 +154,26 @@ class V2BinaryUser(_V2Http):
                 r.failure(problem)
 
 
+def _grpc_setup(user: User) -> None:
+    """A tritonclient.grpc client, the model's metadata and one row of inputs for it, on `user`."""
+    host = urlparse(user.host or "http://127.0.0.1:8000").hostname or "127.0.0.1"
+    user.client = grpcclient.InferenceServerClient(os.environ.get("FUSERVE_GRPC", f"{host}:8001"))
+    user.metadata = user.client.get_model_metadata(MODEL, as_json=True)
+    user.inputs = one_row(user.metadata)
+    user.grpc_inputs = []
+    for (name, arr), t in zip(user.inputs.items(), user.metadata["inputs"], strict=True):
+        i = grpcclient.InferInput(name, list(arr.shape), t["datatype"])
+        i.set_data_from_numpy(arr)
+        user.grpc_inputs.append(i)
+
+
 class GrpcUser(User):
     """KServe V2 gRPC through tritonclient.grpc, reported to Locust as request type 'grpc'."""
 
     wait_time = constant(0)
 
     def on_start(self) -> None:
-        host = urlparse(self.host or "http://127.0.0.1:8000").hostname or "127.0.0.1"
-        self.client = grpcclient.InferenceServerClient(os.environ.get("FUSERVE_GRPC", f"{host}:8001"))
-        self.metadata = self.client.get_model_metadata(MODEL, as_json=True)
-        self.inputs = one_row(self.metadata)
-        self.grpc_inputs = []
-        for (name, arr), t in zip(self.inputs.items(), self.metadata["inputs"], strict=True):
-            i = grpcclient.InferInput(name, list(arr.shape), t["datatype"])
-            i.set_data_from_numpy(arr)
-            self.grpc_inputs.append(i)
+        _grpc_setup(self)
 
     def on_stop(self) -> None:
         self.client.close()
@@ -251,17 +256,9 @@ class GrpcStreamUser(User):
     def on_start(self) -> None:
         import queue
 
-        host = urlparse(self.host or "http://127.0.0.1:8000").hostname or "127.0.0.1"
-        self.client = grpcclient.InferenceServerClient(os.environ.get("FUSERVE_GRPC", f"{host}:8001"))
-        self.metadata = self.client.get_model_metadata(MODEL, as_json=True)
+        _grpc_setup(self)
         self.decoupled = self.client.get_model_config(MODEL, as_json=True)["config"].get(
             "model_transaction_policy", {}).get("decoupled", False)
-        self.inputs = one_row(self.metadata)
-        self.grpc_inputs = []
-        for (name, arr), t in zip(self.inputs.items(), self.metadata["inputs"], strict=True):
-            i = grpcclient.InferInput(name, list(arr.shape), t["datatype"])
-            i.set_data_from_numpy(arr)
-            self.grpc_inputs.append(i)
         self.replies: queue.Queue = queue.Queue()
         self.client.start_stream(callback=lambda result, error: self.replies.put((result, error)))
 
