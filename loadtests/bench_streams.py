@@ -8,8 +8,10 @@ IN = [n], n responses of one INT32 each, sent from execute(), then the final fla
 - gRPC ModelStreamInfer with h2load: each "request" is one stream carrying one request message
   (half-closed at once), answered with n replies and the trailers; `--streams` of them at a time;
 - HTTP /generate_stream with wrk: `--streams` connections, each POST answered with n events.
-Printed: responses per second for each (requests/s times n), and the p50 time to first response
-at one stream against a unary call of a model that answers once (`once`, the same model code).
+Printed: responses per second for each (requests/s times n); and, one call at a time over gRPC,
+the p50 of a stream request answered with one response (`burst` with n = 1: its first response,
+then at once its final) against a unary ModelInfer of `once`, a model that is not decoupled and
+returns the same response from execute().
 """
 
 from __future__ import annotations
@@ -49,6 +51,15 @@ class TritonPythonModel:
             sender.send(flags=FINAL)
         return None
 '''
+ONCE = '''
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        return [pb_utils.InferenceResponse([pb_utils.Tensor("OUT", np.array([0], np.int32))]) for _ in requests]
+'''
 CONFIG = '''
 backend: "python"
 max_batch_size: 0
@@ -73,18 +84,21 @@ def _repo() -> Path:
     (repo / "burst" / "1").mkdir(parents=True)
     (repo / "burst" / "config.pbtxt").write_text(CONFIG)
     (repo / "burst" / "1" / "model.py").write_text(BURST)
+    (repo / "once" / "1").mkdir(parents=True)
+    (repo / "once" / "config.pbtxt").write_text(CONFIG.replace("model_transaction_policy { decoupled: true }\n", ""))
+    (repo / "once" / "1" / "model.py").write_text(ONCE)
     return repo
 
 
-def _grpc_body(n: int, folder: Path) -> Path:
+def _grpc_body(n: int, folder: Path, model: str = "burst") -> Path:
     sys.path.insert(0, str(ROOT))
     from server._proto import grpc_service_pb2 as pb
 
-    req = pb.ModelInferRequest(model_name="burst")
+    req = pb.ModelInferRequest(model_name=model)
     req.inputs.add(name="IN", datatype="INT32", shape=[1])
     req.raw_input_contents.append(np.array([n], np.int32).tobytes())
     msg = req.SerializeToString()
-    path = folder / f"burst-{n}.bin"
+    path = folder / f"{model}-{n}.bin"
     path.write_bytes(struct.pack(">BI", 0, len(msg)) + msg)
     return path
 
@@ -98,6 +112,17 @@ def grpc_rate(port: int, body: Path, streams: int, seconds: int, n: int) -> floa
     if found is None:
         raise SystemExit(f"h2load gave no result:\n{out}")
     return int(found.group(3)) * n / seconds
+
+
+def p50_us(port: int, body: Path, method: str, seconds: int, folder: Path) -> float:
+    """One call at a time: the median of h2load's per-call times (microseconds)."""
+    log = folder / "calls.log"
+    subprocess.run(["taskset", "-c", "0", "h2load", "-c1", "-m1", f"-D{seconds}", "-d", str(body),
+                    "-H", "content-type: application/grpc", "-H", "te: trailers", "--log-file", str(log),
+                    f"http://127.0.0.1:{port}/inference.GRPCInferenceService/{method}"],
+                   capture_output=True, check=True, timeout=seconds + 60)
+    times = sorted(int(line.split("\t")[2]) for line in log.read_text().splitlines() if line)
+    return float(times[len(times) // 2])
 
 
 def http_rate(port: int, streams: int, seconds: int, n: int, lua: Path) -> float:
@@ -144,6 +169,12 @@ def main() -> None:
             h = http_rate(http_port, a.streams, a.seconds, a.responses, lua)
             print(f"round {r + 1}: {a.streams} streams, {a.responses} responses per request: gRPC ModelStreamInfer "
                   f"{g:,.0f} responses/s, HTTP /generate_stream {h:,.0f} responses/s", flush=True)
+        one, unary = _grpc_body(1, folder), _grpc_body(0, folder, "once")
+        for r in range(a.rounds):
+            s = p50_us(grpc_port, one, "ModelStreamInfer", a.seconds // 2 or 1, folder)
+            u = p50_us(grpc_port, unary, "ModelInfer", a.seconds // 2 or 1, folder)
+            print(f"round {r + 1}: one call at a time, p50: a stream request answered once {s:.0f} us, a unary "
+                  f"ModelInfer {u:.0f} us ({s - u:+.0f} us)", flush=True)
     finally:
         server.terminate()
         server.wait(timeout=30)
