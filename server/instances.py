@@ -58,6 +58,18 @@ class InstancePool:
         self._all_free.clear()
         return instance
 
+    @property
+    def instances(self) -> tuple[Instance, ...]:
+        return tuple(self._instances)
+
+    def acquire(self, instance: Instance) -> bool:
+        """Take this instance if it is free (a scheduler that keeps work on one instance)."""
+        if instance not in self._free:
+            return False
+        self._free.remove(instance)
+        self._all_free.clear()
+        return True
+
     def release(self, instance: Instance) -> None:
         self._free.append(instance)
         if len(self._free) == len(self._instances):

@@ -21,6 +21,8 @@ from . import dtypes
 from ._proto import model_config_pb2 as mc
 from .dtypes import DType
 from .errors import ModelLoadError
+from .sequence_config import UNIMPLEMENTED as _SEQUENCE_UNIMPLEMENTED
+from .sequence_config import SequenceSpec, hidden_names, sequence_spec
 
 ModelConfig = mc.ModelConfig
 CONFIG_FILE = "config.pbtxt"
@@ -107,6 +109,8 @@ class ModelSpec:
     config: ModelConfig  # the completed config, as served by the config endpoints
     # None: each request executes on its own (no dynamic_batching block, or max_batch_size 0).
     dynamic_batching: BatchingSpec | None = None
+    # `sequence_batching { }`: the sequence batcher serves it (scheduler/sequence.py)
+    sequence: SequenceSpec | None = None
 
 
 def read_config(model_dir: Path) -> ModelConfig:
@@ -193,9 +197,11 @@ def autocomplete(config: ModelConfig, io: ModelIO, *, name: str, default_max_bat
         raise ModelLoadError(
             f"{where}: max_batch_size is {done.max_batch_size} but '{bad.name}' has no dynamic first dim "
             f"(shape {list(bad.shape)}); set max_batch_size: 0")
-    for kind, declared, actual in (("input", done.input, io.inputs), ("output", done.output, io.outputs)):
+    hidden_in, hidden_out = hidden_names(done)  # the sequence batcher's control and state tensors
+    for kind, declared, actual, hidden in (("input", done.input, io.inputs, hidden_in),
+                                           ("output", done.output, io.outputs, hidden_out)):
         _check_declared(kind, list(declared), actual, batch, where)
-        have = {t.name for t in declared}
+        have = {t.name for t in declared} | set(hidden)
         for t in actual:
             if t.name in have:
                 continue
@@ -285,7 +291,9 @@ def batching_spec(config: ModelConfig, where: str) -> BatchingSpec | None:
                         policies)
 
 
-def build_spec(config: ModelConfig, backend: str, instances: tuple[InstanceSpec, ...], where: str) -> ModelSpec:
+def build_spec(config: ModelConfig, backend: str, instances: tuple[InstanceSpec, ...], where: str,
+               version_dir: Path | None = None) -> ModelSpec:
+    """`version_dir`: where a sequence model's initial_state data files are (`<version>/initial_state/`)."""
     if config.max_batch_size < 0:
         raise ModelLoadError(f"{where}: max_batch_size must be >= 0, got {config.max_batch_size}")
     inputs = _tensor_specs("input", list(config.input), where)
@@ -306,6 +314,7 @@ def build_spec(config: ModelConfig, backend: str, instances: tuple[InstanceSpec,
         parameters=MappingProxyType(params),
         config=config,
         dynamic_batching=batching_spec(config, where),
+        sequence=sequence_spec(config, backend, version_dir, where),
     )
 
 
@@ -352,7 +361,7 @@ def config_to_json(config: ModelConfig) -> dict:
 _TOP_LEVEL = frozenset((
     "name", "platform", "backend", "version_policy", "max_batch_size", "input", "output", "optimization",
     "dynamic_batching", "ensemble_scheduling", "instance_group", "default_model_filename", "parameters",
-    "model_transaction_policy",
+    "model_transaction_policy", "sequence_batching",
 ))
 _INPUT = frozenset(("name", "data_type", "dims", "reshape", "optional"))
 _OUTPUT = frozenset(("name", "data_type", "dims", "reshape"))
@@ -385,6 +394,11 @@ def unimplemented_fields(config: ModelConfig) -> list[str]:
         within("optimization", config.optimization, _OPTIMIZATION)
     for i, s in enumerate(config.ensemble_scheduling.step):
         within(f"ensemble_scheduling.step[{i}]", s, _STEP)
+    sb = config.sequence_batching
+    if sb.iterative_sequence:
+        found.append("sequence_batching.iterative_sequence")
+    if sb.oldest.preserve_ordering:
+        found.append("sequence_batching.oldest.preserve_ordering")
     found.extend(f"parameters '{key}'" for key in config.parameters if key in _REFUSED_PARAMETERS)
     return found
 
@@ -394,7 +408,7 @@ def refuse_unimplemented(config: ModelConfig, where: str) -> None:
     fields = unimplemented_fields(config)
     if not fields:
         return
-    why = {"sequence_batching": " (stateful models: the sequence batcher is not implemented yet)"}
+    why = {f"sequence_batching.{k}": f" ({v})" for k, v in _SEQUENCE_UNIMPLEMENTED.items()}
     first = fields[0]
     extra = why.get(first, "")
     for key, reason in _REFUSED_PARAMETERS.items():

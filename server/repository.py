@@ -25,6 +25,7 @@ from .errors import InvalidArgument, ModelLoadError, NotFound
 from .instances import InstancePool
 from .model_config import (
     ModelConfig,
+    ModelIO,
     ModelSpec,
     autocomplete,
     backend_name,
@@ -45,6 +46,7 @@ from .scheduler import (
     scheduler_for,
 )
 from .scheduler.ensemble_plan import parse_steps, plan_ensemble, step_dependencies
+from .sequence_config import SequenceSpec
 from .stats import ModelStats
 
 log = logging.getLogger(__name__)
@@ -279,7 +281,9 @@ class Repository:
                     # Report where the model really runs (e.g. CPU after a CUDA fallback).
                     devices = ",".join(sorted({i.device for i in opened}))
                     done.parameters[PROVIDERS_PARAMETER].string_value = devices
-                    spec = build_spec(done, backend.name, instances, where)
+                    spec = build_spec(done, backend.name, instances, where, model_dir / str(version))
+                    if spec.sequence is not None and backend.name == "onnxruntime":
+                        _check_sequence_tensors(spec.sequence, opened[0].io, where)
                 except BaseException:
                     for instance in opened:
                         instance.close()
@@ -429,3 +433,22 @@ class Repository:
     async def close(self) -> None:
         for name in list(self._models):
             await self.unload(name)
+
+
+def _check_sequence_tensors(sequence: SequenceSpec, io: ModelIO, where: str) -> None:
+    """A sequence model's control and state tensors are in its model file, as the config says."""
+    for kind, names, have in (("input", sequence.hidden_inputs, io.inputs), ("output", sequence.hidden_outputs,
+                                                                           io.outputs)):
+        by_name = {t.name: t for t in have}
+        for name in sorted(names):
+            if name not in by_name:
+                raise ModelLoadError(f"{where}: sequence_batching names {kind} '{name}', which is not in the model "
+                                     f"file (it has: {', '.join(by_name) or 'none'})")
+    wanted = {c.name: c.dtype for c in sequence.controls}
+    wanted.update({s.input_name: s.dtype for s in sequence.states})
+    wanted.update({s.output_name: s.dtype for s in sequence.states})
+    for t in io.inputs + io.outputs:
+        dtype = wanted.get(t.name)
+        if dtype is not None and dtype.v2 != t.dtype.v2:
+            raise ModelLoadError(f"{where}: sequence_batching tensor '{t.name}' is {dtype.config} in the config "
+                                 f"but {t.dtype.config} in the model file")

@@ -181,6 +181,21 @@ def _int_parameter(request: InferRequest, key: str) -> int:
     return value
 
 
+def _sequence_parameters(work: Work, parameters: Parameters) -> None:
+    """sequence_id (an unsigned 64-bit integer or a string), sequence_start and sequence_end (bools)."""
+    sid = parameters["sequence_id"]
+    if isinstance(sid, bool) or not isinstance(sid, int | str) or (isinstance(sid, int) and not 0 <= sid < 1 << 64):
+        raise InvalidArgument(f"request parameter 'sequence_id' must be an unsigned 64-bit integer or a string, "
+                              f"got {sid!r}")
+    work.sequence_id = sid
+    for key in ("sequence_start", "sequence_end"):
+        flag = parameters.get(key, False)
+        if not isinstance(flag, bool):
+            raise InvalidArgument(f"request parameter '{key}' must be a boolean, got {flag!r}")
+    work.sequence_start = parameters.get("sequence_start", False)
+    work.sequence_end = parameters.get("sequence_end", False)
+
+
 class InferenceService:
     def __init__(self, repository: Repository, *, model_control_mode: str = "none",
                  server_name: str = "triton") -> None:
@@ -409,6 +424,8 @@ class InferenceService:
             work.priority = _int_parameter(request, "priority")
             work.timeout_us = _int_parameter(request, "timeout")
             work.parameters = _own_parameters(request.parameters)
+            if "sequence_id" in request.parameters:
+                _sequence_parameters(work, request.parameters)
         return _Call(work, names, rows, start, time.perf_counter_ns())
 
     def _complete(self, mv: ModelVersion, request: InferRequest, call: _Call, outcome: Outcome) -> InferResponse:

@@ -118,3 +118,31 @@ def echo_slow(path: Path, matmuls: int = 100, width: int = 1024) -> Path:
 
 
 ECHO_WIDTH = 1024
+
+
+def simple_sequence(path: Path) -> Path:
+    """Triton's example `simple_sequence` as ONNX: INT32 INPUT, START and READY [batch, 1] ->
+    OUTPUT = (INPUT + START) * READY (tritonclient's sequence examples expect exactly this)."""
+    io = [helper.make_tensor_value_info(n, TensorProto.INT32, ["batch", 1]) for n in ("INPUT", "START", "READY")]
+    y = helper.make_tensor_value_info("OUTPUT", TensorProto.INT32, ["batch", 1])
+    nodes = [helper.make_node("Add", ["INPUT", "START"], ["s"]), helper.make_node("Mul", ["s", "READY"], ["OUTPUT"])]
+    return save(_model(nodes, "simple_sequence", io, [y]), path)
+
+
+def accumulator(path: Path, dtype: int = TensorProto.INT32) -> Path:
+    """An implicit-state model: INPUT and STATE_IN [batch, 1] -> OUTPUT = STATE_OUT = STATE_IN + INPUT
+    (a running sum per sequence, carried by the server), plus CORRID [batch, 1] (uint64) echoed as
+    ID and END (bool) as ENDED."""
+    x = helper.make_tensor_value_info("INPUT", dtype, ["batch", 1])
+    s = helper.make_tensor_value_info("STATE_IN", dtype, ["batch", 1])
+    cid = helper.make_tensor_value_info("CORRID", TensorProto.UINT64, ["batch", 1])
+    end = helper.make_tensor_value_info("END", TensorProto.BOOL, ["batch", 1])
+    outs = [helper.make_tensor_value_info("OUTPUT", dtype, ["batch", 1]),
+            helper.make_tensor_value_info("STATE_OUT", dtype, ["batch", 1]),
+            helper.make_tensor_value_info("ID", TensorProto.UINT64, ["batch", 1]),
+            helper.make_tensor_value_info("ENDED", TensorProto.BOOL, ["batch", 1])]
+    nodes = [helper.make_node("Add", ["STATE_IN", "INPUT"], ["OUTPUT"]),
+             helper.make_node("Identity", ["OUTPUT"], ["STATE_OUT"]),
+             helper.make_node("Identity", ["CORRID"], ["ID"]),
+             helper.make_node("Identity", ["END"], ["ENDED"])]
+    return save(_model(nodes, "accumulator", [x, s, cid, end], outs), path)

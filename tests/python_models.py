@@ -445,3 +445,105 @@ class TritonPythonModel:
             out.append(pb_utils.InferenceResponse([pb_utils.Tensor("OUT", np.array([n * 2 ** k]))]))
         return out
 '''
+
+
+# A sequence model in Python (sequence_batching, no implicit state): a running sum of IN per
+# correlation ID, kept by the model, started over on START; OUT the sum, BATCH how many requests
+# the call got, FLAGS the request's flags(), START/END the control inputs as the model saw them.
+SEQUENCE = '''
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.sums = {}
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            cid = request.correlation_id()
+            value = int(pb_utils.get_input_tensor_by_name(request, "IN").as_numpy().reshape(-1)[0])
+            start = pb_utils.get_input_tensor_by_name(request, "START").as_numpy()
+            end = pb_utils.get_input_tensor_by_name(request, "END").as_numpy()
+            if start.reshape(-1)[0]:
+                self.sums[cid] = 0
+            self.sums[cid] = self.sums.get(cid, 0) + value
+            out = [pb_utils.Tensor("OUT", np.array([[self.sums[cid]]], dtype=np.int64)),
+                   pb_utils.Tensor("BATCH", np.array([[len(requests)]], dtype=np.int32)),
+                   pb_utils.Tensor("FLAGS", np.array([[request.flags()]], dtype=np.int32)),
+                   pb_utils.Tensor("START_SEEN", start.astype(np.float32).reshape(1, 1)),
+                   pb_utils.Tensor("END_SEEN", end.astype(np.float32).reshape(1, 1))]
+            responses.append(pb_utils.InferenceResponse(out))
+        return responses
+'''
+
+SEQUENCE_CONFIG = '''
+backend: "python"
+max_batch_size: 4
+input [ { name: "IN", data_type: TYPE_INT32, dims: [ 1 ] } ]
+output [
+  { name: "OUT", data_type: TYPE_INT64, dims: [ 1 ] },
+  { name: "BATCH", data_type: TYPE_INT32, dims: [ 1 ] },
+  { name: "FLAGS", data_type: TYPE_INT32, dims: [ 1 ] },
+  { name: "START_SEEN", data_type: TYPE_FP32, dims: [ 1 ] },
+  { name: "END_SEEN", data_type: TYPE_FP32, dims: [ 1 ] }
+]
+instance_group [ { count: 1, kind: KIND_CPU } ]
+sequence_batching {
+  max_sequence_idle_microseconds: 300000
+  %s
+  control_input [
+    { name: "START", control [ { kind: CONTROL_SEQUENCE_START, fp32_false_true: [ 0, 1 ] } ] },
+    { name: "END", control [ { kind: CONTROL_SEQUENCE_END, bool_false_true: [ false, true ] } ] }
+  ]
+}
+'''
+
+
+# Triton's example backend `repeat_int32` (src/backends/backend/examples/repeat.cc) as a decoupled
+# Python model, for tritonclient's simple_grpc_custom_repeat.py: one response per element of IN
+# (OUT: the value, IDX: its index), each after DELAY[i] ms, then the final flag after WAIT ms.
+REPEAT_INT32 = '''
+import threading
+import time
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        for request in requests:
+            threading.Thread(target=self.repeat, args=(request,), daemon=True).start()
+        return None
+
+    def repeat(self, request):
+        sender = request.get_response_sender()
+        values = pb_utils.get_input_tensor_by_name(request, "IN").as_numpy()
+        delays = pb_utils.get_input_tensor_by_name(request, "DELAY").as_numpy()
+        wait = pb_utils.get_input_tensor_by_name(request, "WAIT").as_numpy()
+        for i, value in enumerate(values):
+            time.sleep(float(delays[i]) / 1000)
+            sender.send(pb_utils.InferenceResponse([
+                pb_utils.Tensor("OUT", np.array([value], dtype=np.int32)),
+                pb_utils.Tensor("IDX", np.array([i], dtype=np.uint32))]))
+        time.sleep(float(wait[0]) / 1000)
+        sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+'''
+
+REPEAT_INT32_CONFIG = '''
+backend: "python"
+max_batch_size: 0
+model_transaction_policy { decoupled: true }
+input [
+  { name: "IN", data_type: TYPE_INT32, dims: [ -1 ] },
+  { name: "DELAY", data_type: TYPE_UINT32, dims: [ -1 ] },
+  { name: "WAIT", data_type: TYPE_UINT32, dims: [ 1 ] }
+]
+output [
+  { name: "OUT", data_type: TYPE_INT32, dims: [ 1 ] },
+  { name: "IDX", data_type: TYPE_UINT32, dims: [ 1 ] }
+]
+instance_group [ { count: 1, kind: KIND_CPU } ]
+'''

@@ -39,6 +39,10 @@ class Request:
     # any number of times until `final`; it may wait while the client is slow to read (backpressure).
     # None for other models, which answer with execute_requests' result.
     respond: Callable[[RequestResult | None, bool], None] | None = None
+    # A sequence model's request (the sequence batcher's): its correlation ID, and Triton's request
+    # flags (1: the sequence's START, 2: its END).
+    correlation_id: int | str = 0
+    flags: int = 0
 
 
 # Per request: its outputs, or the error that fails it alone; None from a decoupled model, whose

@@ -34,6 +34,7 @@ import numpy as np
 from .. import dtypes
 from ..errors import BackendError, ModelLoadError
 from ..model_config import InstanceSpec, ModelConfig, ModelIO, TensorIO, mc
+from ..sequence_config import hidden_names
 from .base import Request, RequestResult
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,15 @@ def declared_io(config: ModelConfig, where: str) -> ModelIO:
     return ModelIO(tuple(tensor(t, "input") for t in config.input), tuple(tensor(t, "output") for t in config.output))
 
 
+def _positional(declared: list[str], hidden: list[str]) -> list[str]:
+    """Declared names then the sequence batcher's, or all by `__<n>` index when every name has one."""
+    names = declared + [n for n in hidden if n not in declared]
+    suffixes = [n.rpartition("__")[2] for n in names]
+    if hidden and all("__" in n and x.isdigit() for n, x in zip(names, suffixes, strict=True)):
+        return [n for _, n in sorted(zip((int(x) for x in suffixes), names, strict=True))]
+    return names
+
+
 class TorchInstance:
     executes_requests = False  # one concatenated batch
     inline_ok = True
@@ -77,8 +87,11 @@ class TorchInstance:
         self.torch = torch
         where = str(model_path)
         self._io = declared_io(config, where)
-        self.input_names = [t.name for t in self._io.inputs]
-        self.output_names = [t.name for t in self._io.outputs]
+        # A sequence model's control and state inputs (and state outputs) are positional arguments
+        # (and results) too: after the declared ones, or in the order of their `__<n>` suffixes.
+        hidden_in, hidden_out = hidden_names(config)
+        self.input_names = _positional([t.name for t in self._io.inputs], list(hidden_in))
+        self.output_names = _positional([t.name for t in self._io.outputs], list(hidden_out))
         threads = _param(config, "intra_op_thread_count")
         if threads.isdigit() and int(threads) > 0:
             torch.set_num_threads(int(threads))
@@ -104,6 +117,8 @@ class TorchInstance:
             self._warm_up(config)
 
     def _warm_up(self, config: ModelConfig) -> None:
+        if len(self.input_names) != len(self._io.inputs):
+            return  # a sequence model: its first request compiles the graph
         feeds = {}
         for t in self._io.inputs:
             shape = tuple(1 if d < 0 else d for d in t.shape)

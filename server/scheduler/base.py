@@ -43,6 +43,11 @@ class Work:
     # execution is over; the request itself ends with the response flagged final.
     respond: Callable[[Any, bool], None] | None = None
     is_cancelled: Callable[[], bool] | None = None
+    # The request parameters sequence_id, sequence_start and sequence_end, for the sequence batcher
+    # (0 / "": none)
+    sequence_id: int | str = 0
+    sequence_start: bool = False
+    sequence_end: bool = False
 
 
 @dataclass(slots=True)

@@ -35,7 +35,7 @@ def repo(tmp_path_factory):
     pm.write(repo, "countdown", pm.COUNTDOWN_CONFIG, pm.COUNTDOWN.format(callee="countdown"))
     pm.write(repo, "ping", pm.COUNTDOWN_CONFIG, pm.COUNTDOWN.format(callee="pong"))
     pm.write(repo, "pong", pm.COUNTDOWN_CONFIG, pm.COUNTDOWN.format(callee="ping"))
-    pm.write(repo, "stateful", pm.ONE_INT_CONFIG + "sequence_batching { }\n", pm.FINALIZE)
+    pm.write(repo, "stateful", pm.ONE_INT_CONFIG + "sequence_batching { iterative_sequence: true }\n", pm.FINALIZE)
     pm.write(repo, "widened", pm.ONE_INT_CONFIG, pm.WIDENED)
     generated(repo, "add_sub", "onnx_decoupled")  # decoupled is for Python models only
     cfg = repo / "onnx_decoupled" / "config.pbtxt"
@@ -223,7 +223,7 @@ def test_finalize_runs_on_unload(server, repo):
 
 
 @pytest.mark.parametrize(("model", "field"), [
-    ("stateful", "sequence_batching"), ("onnx_decoupled", "model_transaction_policy.decoupled"),
+    ("stateful", "sequence_batching.iterative_sequence"), ("onnx_decoupled", "model_transaction_policy.decoupled"),
     ("condaenv", "EXECUTION_ENV_PATH")])
 def test_config_fields_fuserve_does_not_implement_fail_the_load_naming_them(server, model, field):
     status, _, body = server.request("POST", f"/v2/repository/models/{model}/load")

@@ -35,6 +35,12 @@ class Named(torch.nn.Module):  # returns a dict: outputs are matched by name
         return {"double": x * 2, "half": x / 2}
 
 
+class Accumulate(torch.nn.Module):  # implicit state: forward(INPUT__0, STATE_IN__1) -> (OUTPUT__0, STATE_OUT__1)
+    def forward(self, x, state):
+        total = state + x
+        return total, total
+
+
 class Bf16Scale(torch.nn.Module):
     def forward(self, x):
         return (x.float() * 3).to(torch.bfloat16)
@@ -105,6 +111,13 @@ def repo(tmp_path_factory):
     torch.jit.trace(AddSub(), ints).save(str(repo / "not_bert" / "1" / "model.pt"))
     mb.write_config(repo / "not_bert", ADD_SUB_CONFIG + 'parameters { key: "fuserve_kernels" '
                                                       'value: { string_value: "bert_encoder" } }\n')
+    (repo / "torch_accumulate" / "1").mkdir(parents=True)
+    torch.jit.script(Accumulate()).save(str(repo / "torch_accumulate" / "1" / "model.pt"))
+    mb.write_config(repo / "torch_accumulate", 'backend: "pytorch"\nmax_batch_size: 4\n'
+                    'input [ { name: "INPUT__0" data_type: TYPE_FP32 dims: [ 2 ] } ]\n'
+                    'output [ { name: "OUTPUT__0" data_type: TYPE_FP32 dims: [ 2 ] } ]\n'
+                    'sequence_batching { state [ { input_name: "STATE_IN__1" output_name: "STATE_OUT__1" '
+                    'data_type: TYPE_FP32 dims: [ 2 ] } ] }\n')
     mb.generated(repo, "image_cnn")
     return repo
 
@@ -227,3 +240,21 @@ def test_without_torch_the_load_failure_names_the_extra(start_server, repo, tmp_
     index = {m["name"]: m for m in json.loads(server.request("POST", "/v2/repository/index")[2])}
     assert index["ts_add_sub"]["state"] == "UNAVAILABLE"
     assert "fuserve[torch]" in index["ts_add_sub"]["reason"]
+
+
+def test_implicit_state_on_a_torchscript_model(server):
+    """The server feeds STATE_IN__1 (zeros at START) and keeps STATE_OUT__1 per sequence: two
+    interleaved sequences each get their own running sum."""
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+
+    def send(sid: int, values: list[float], **flags) -> list[float]:
+        t = grpcclient.InferInput("INPUT__0", [1, 2], "FP32")
+        t.set_data_from_numpy(np.array([values], dtype=np.float32))
+        return client.infer("torch_accumulate", [t], sequence_id=sid, **flags).as_numpy("OUTPUT__0")[0].tolist()
+
+    assert send(1, [1, 2], sequence_start=True) == [1, 2]
+    assert send(2, [10, 10], sequence_start=True) == [10, 10]
+    assert send(1, [1, 2]) == [2, 4]
+    assert send(2, [-1, 5], sequence_end=True) == [9, 15]
+    assert send(1, [0.5, 0], sequence_end=True) == [2.5, 4]
+    client.close()

@@ -143,7 +143,8 @@ def test_parse_config_json():
 
 
 @pytest.mark.parametrize(("text", "field"), [
-    ("sequence_batching { }", "sequence_batching"),
+    ("sequence_batching { iterative_sequence: true }", "sequence_batching.iterative_sequence"),
+    ("sequence_batching { oldest { preserve_ordering: true } }", "sequence_batching.oldest.preserve_ordering"),
     ('input [ { name: "x" data_type: TYPE_FP32 dims: [1] allow_ragged_batch: true } ]',
      "input[0] 'x'.allow_ragged_batch"),
     ('output [ { name: "y" data_type: TYPE_FP32 dims: [1] label_filename: "labels.txt" } ]',

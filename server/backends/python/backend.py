@@ -143,8 +143,8 @@ class PythonInstance:
 
     def execute_requests(self, requests: Sequence[Request]) -> list[RequestResult | None]:
         incoming = [pb_utils.InferenceRequest._incoming(
-            [_tensor(name, arr) for name, arr in r.inputs.items()], r.outputs, r.id, 0,
-            json.dumps(r.parameters, separators=(",", ":")) if r.parameters else "{}", 0, r.is_cancelled,
+            [_tensor(name, arr) for name, arr in r.inputs.items()], r.outputs, r.id, r.correlation_id,
+            json.dumps(r.parameters, separators=(",", ":")) if r.parameters else "{}", r.flags, r.is_cancelled,
             model_name=self.name) for r in requests]
         if self._decoupled:
             for r, req in zip(requests, incoming, strict=True):

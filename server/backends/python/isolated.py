@@ -95,6 +95,9 @@ def wanted(config: ModelConfig) -> bool:
         raise ModelLoadError(f"model '{config.name}': parameter '{PARAMETER}' with model_transaction_policy "
                              f"{{ decoupled: true }} is not supported by fuserve yet (decoupled models run in "
                              f"process)")
+    if value == "true" and config.HasField("sequence_batching"):
+        raise ModelLoadError(f"model '{config.name}': parameter '{PARAMETER}' with sequence_batching is not "
+                             f"supported by fuserve yet (sequence models run in process)")
     return value == "true"
 
 
