@@ -1,6 +1,7 @@
 -- wrk script: POST one fixed KServe V2 body again and again and check every reply.
 -- Environment: BODY_FILE (the request body), HDRLEN (Inference-Header-Content-Length for a binary
--- body, or empty), MARKER (text every good reply contains, e.g. an output name).
+-- body, or empty), MARKER (text every good reply contains, e.g. an output name), SEQUENCES (n:
+-- each request's body has its text SEQUENCE_ID replaced by the next of the ids 1..n, in turn).
 -- done() prints one line: RESULT {"requests":..,"ok":..,"bad":..,"errors":..,"p50_us":..,"p99_us":..}
 local f = assert(io.open(os.getenv("BODY_FILE"), "rb"))
 wrk.method = "POST"
@@ -10,6 +11,21 @@ wrk.headers["Content-Type"] = "application/json"
 local hl = os.getenv("HDRLEN")
 if hl ~= nil and hl ~= "" then wrk.headers["Inference-Header-Content-Length"] = hl end
 local marker = os.getenv("MARKER") or ""
+
+local sequences = tonumber(os.getenv("SEQUENCES") or "")
+if sequences ~= nil then
+  local bodies, next_id = nil, 0
+  function request()  -- one preformatted request per id, in turn (formatted once wrk.path is set)
+    if bodies == nil then
+      bodies = {}
+      for id = 1, sequences do
+        bodies[id] = wrk.format(nil, nil, nil, (string.gsub(wrk.body, "SEQUENCE_ID", tostring(id))))
+      end
+    end
+    next_id = next_id % sequences + 1
+    return bodies[next_id]
+  end
+end
 
 ok, bad = 0, 0
 local threads = {}

@@ -63,7 +63,7 @@ sequence_batching {
 
 
 @pytest.fixture(scope="module")
-def server(start_server, tmp_path_factory):
+def repo(tmp_path_factory):
     repo = tmp_path_factory.mktemp("sequences")
     mb.simple_sequence(repo / "simple_sequence" / "1" / "model.onnx")
     mb.write_config(repo / "simple_sequence", SIMPLE_SEQUENCE)
@@ -87,6 +87,11 @@ def server(start_server, tmp_path_factory):
         pm.SEQUENCE)
     mb.accumulator(repo / "missing_state" / "1" / "model.onnx")
     mb.write_config(repo / "missing_state", (ACCUMULATE % "zero_data: true").replace('"STATE_IN"', '"NOPE"'))
+    return repo
+
+
+@pytest.fixture(scope="module")
+def server(start_server, repo):
     return start_server(repo)
 
 
@@ -190,6 +195,20 @@ def test_implicit_state_with_more_sequences_than_slots_from_many_threads(server,
         assert results[sid] == [(int(s), sid, i == len(values) - 1) for i, s in enumerate(sums)], sid
     after = model_stats(server, "accumulate")["inference_stats"]["success"]["count"]
     assert after - before == 8 * 5
+
+
+def test_sequences_through_frontend_workers(start_server, repo):
+    """With --frontend-workers the workers pass the sequence parameters on: the same sums, over
+    HTTP and gRPC, from several threads."""
+    workers = start_server(repo, "--frontend-workers", "2")
+    work = {(protocol, 7000 + k): [k, 1, 2, 3] for protocol in ("http", "grpc") for k in range(4)}
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        futures = {key: pool.submit(_run_sequence, workers, key[0], "accumulate", key[1] + (key[0] == "grpc") * 100,
+                                    values) for key, values in work.items()}
+        for key, f in futures.items():
+            assert [o for o, _, _ in f.result(timeout=WAIT * 2)] == list(np.cumsum(work[key])), key
+    status, doc = _http_infer(workers, "accumulate", _body(1, sequence_id=31337))
+    assert status == 400 and "must specify the START flag" in doc["error"]
 
 
 def test_initial_state_from_a_data_file(server):
