@@ -20,6 +20,7 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from . import access, ipc, tls
@@ -44,12 +45,17 @@ class SchedulerClient:
     def __init__(self) -> None:
         self.link: ipc.Link | None = None
         self.pending: dict[int, asyncio.Future] = {}
+        self.streams: dict[int, asyncio.Queue] = {}  # streamed answers: their parts as they arrive
         self._ids = itertools.count(1)
         # kept: under uvloop, asyncio.get_running_loop() costs a getpid() system call
         self.loop = asyncio.get_running_loop()
 
     def on_messages(self, messages: list[ipc.Message]) -> None:
         for kind, rid, payload in messages:
+            parts = self.streams.get(rid)
+            if parts is not None:
+                parts.put_nowait((kind, payload))
+                continue
             fut = self.pending.pop(rid, None)
             if fut is None or fut.done():
                 continue
@@ -57,6 +63,8 @@ class SchedulerClient:
                 fut.set_result(ipc.unpack_response(payload))
             elif kind == "err":
                 fut.set_exception(ipc.unpack_error(payload))
+            elif kind == "shttp":  # the head of a streamed answer: its parts follow
+                fut.set_result((payload, LinkStream(self, rid, bytes)))
             else:
                 fut.set_result(payload)
 
@@ -65,6 +73,8 @@ class SchedulerClient:
             if not fut.done():
                 fut.set_exception(Unavailable("the scheduler process is gone"))
         self.pending.clear()
+        for parts in self.streams.values():
+            parts.put_nowait(("lost", None))
 
     async def _call(self, kind: str, payload: Any) -> Any:
         if self.link is None or self.link.transport is None:
@@ -75,7 +85,7 @@ class SchedulerClient:
         try:
             return await fut
         except asyncio.CancelledError:
-            if self.pending.pop(rid, None) is not None and kind == "infer":
+            if self.pending.pop(rid, None) is not None and self.link.transport is not None:
                 self.link.send(("cancel", rid, None))  # the client went away: drop the queued work
             raise
 
@@ -84,9 +94,26 @@ class SchedulerClient:
         return result
 
     async def http(self, request: HttpRequest) -> HttpResponse:
-        status, body, content_type, headers = await self._call(
-            "http", (request.method, request.path, request.headers, request.body))
+        answer = await self._call("http", (request.method, request.path, request.headers, request.body))
+        if isinstance(answer, tuple) and len(answer) == 2:  # ("shttp" head, its parts)
+            (status, body, content_type, headers), parts = answer
+            response = HttpResponse(status, body, content_type, headers)
+            response.stream = parts
+            return response
+        status, body, content_type, headers = answer
         return HttpResponse(status, body, content_type, headers)
+
+    def grpc_stream_forwarder(self, path: str) -> Any:
+        """A streaming method (ModelStreamInfer) answered in the scheduler process: each message's
+        replies, serialized there, arrive here as parts."""
+        def call(message: bytes, ctx: CallContext) -> LinkStream:
+            if self.link is None or self.link.transport is None:
+                raise Unavailable("the scheduler process is gone")
+            rid = next(self._ids)
+            stream = LinkStream(self, rid, Serialized)
+            self.link.send(("gstream", rid, (path, message, dict(ctx.headers), ctx.peer)))
+            return stream
+        return call
 
     def grpc_forwarder(self, path: str) -> Any:
         async def call(message: bytes, ctx: CallContext) -> Serialized:
@@ -95,6 +122,53 @@ class SchedulerClient:
                 raise CallError(code, text)  # the scheduler's answer, passed on as it is
             return Serialized(reply)
         return call
+
+
+class LinkStream:
+    """A streamed answer's parts as they arrive on the link (an async iterator). Every few parts
+    passed on return credit to the scheduler; closing it early (the client went away) cancels the
+    request there."""
+
+    def __init__(self, client: SchedulerClient, rid: int, wrap: Callable[[bytes], Any]) -> None:
+        self.client, self.rid, self.wrap = client, rid, wrap
+        self.parts: asyncio.Queue = asyncio.Queue()  # bounded by the scheduler's credit window
+        client.streams[rid] = self.parts
+        self.taken = 0
+        self.done = False
+
+    def __aiter__(self) -> LinkStream:
+        return self
+
+    async def __anext__(self) -> Any:
+        if self.done:
+            raise StopAsyncIteration
+        kind, payload = await self.parts.get()
+        if kind == "part":
+            self.taken += 1
+            if self.taken == ipc.CREDIT_BATCH:
+                self._send(("credit", self.rid, self.taken))
+                self.taken = 0
+            return self.wrap(payload)
+        self._finish()
+        if kind == "end":
+            raise StopAsyncIteration
+        if kind == "gerr":
+            raise CallError(*payload)
+        raise Unavailable("the scheduler process is gone")
+
+    async def aclose(self) -> None:
+        if not self.done:
+            self._finish()
+            self._send(("cancel", self.rid, None))
+
+    def _finish(self) -> None:
+        self.done = True
+        self.client.streams.pop(self.rid, None)
+
+    def _send(self, message: ipc.Message) -> None:
+        link = self.client.link
+        if link is not None and link.transport is not None:
+            link.send(message)
 
 
 def _listening(host: str, port: int) -> socket.socket:
@@ -131,6 +205,8 @@ async def serve(args: dict) -> int:
         names = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods_by_name
         methods = {SERVICE + name: Method(bytes, client.grpc_forwarder(SERVICE + name)) for name in names}
         methods.update(GrpcInfer(client.infer).methods())
+        stream = SERVICE + "ModelStreamInfer"  # answered whole in the scheduler process, replies as parts
+        methods[stream] = Method(bytes, client.grpc_stream_forwarder(stream), streaming=True, replies=True)
         authorize = access.grpc_authorize(access.Policy("grpc", args.get("grpc_restricted_protocol", ())))
         grpc = GrpcServer(methods, max_message=args["max_input_size"], error_status=error_status,
                           authorize=authorize, limits=H2Limits(**args.get("grpc_limits", {})))

@@ -8,9 +8,18 @@ friends): pickling numpy arrays and dataclasses directly costs ~15 us a request 
 
 Kinds, worker -> scheduler: `infer` (a packed InferRequest), `cancel` (the client went away),
 `http` (a non-inference REST request, answered by the scheduler's own REST frontend), `grpc` (a
-non-inference gRPC call: method path and message bytes), `hello` (the worker is serving).
+non-inference gRPC call: method path and message bytes), `gstream` (one message of a streaming
+gRPC call, ModelStreamInfer: path, message bytes; its replies come back as parts), `credit` (n:
+the worker has passed n more parts on), `hello` (the worker is serving).
 Scheduler -> worker: `ok` (a packed InferResponse), `err` (error class name and message), `http`
-(status, body, content type, headers), `grpc` (status code, message, reply bytes).
+(status, body, content type, headers), `shttp` (the same, for an answer whose body streams as
+parts: /generate_stream), `grpc` (status code, message, reply bytes), `part` (the next bytes of a
+streamed answer: an event, or one serialized gRPC reply), `end` (that answer is complete), `gerr`
+(a streaming gRPC call failed: status code, message).
+
+A streamed answer is credited: the scheduler sends at most STREAM_WINDOW parts the worker has not
+passed on, so a client that reads slowly makes the model's sender wait, as without workers, and
+neither process holds more than a window of one request's parts.
 """
 
 from __future__ import annotations
@@ -32,6 +41,8 @@ log = logging.getLogger(__name__)
 
 _LEN = struct.Struct(">L")
 Message = tuple[str, int, Any]
+STREAM_WINDOW = 16  # parts of one streamed answer in flight on the link
+CREDIT_BATCH = 4  # the worker returns credit this many parts at a time
 
 
 def _pack_tensor(t: Tensor) -> tuple:

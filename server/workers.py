@@ -7,6 +7,9 @@ batcher, and every other request whole, answered by this process's own REST and 
 So statistics, metrics, model control and batching see all traffic in one place, and the
 protocol work (~2/3 of a request's CPU) spreads over the workers' cores.
 
+A streamed answer (a decoupled model's ModelStreamInfer replies, /generate_stream's events)
+crosses the link part by part, credited (ipc.py), so it arrives as the model sends it.
+
 A worker that dies is started again; on shutdown this process drains first, then stops the
 workers (SIGTERM), which close their connections once their last replies are out.
 """
@@ -26,7 +29,7 @@ from typing import Any
 
 from . import ipc
 from .context import CallContext
-from .frontends.grpc_server import Method
+from .frontends.grpc_server import CallError, Method
 from .frontends.http_messages import HttpLimits, HttpRequest, HttpResponse
 from .http2.connection import Limits as H2Limits
 from .service import InferenceService
@@ -49,6 +52,8 @@ class WorkerEndpoint:
         self.link: ipc.Link | None = None
         self.tasks: dict[int, asyncio.Task] = {}  # forwarded requests being answered
         self.cancels: dict[int, Callable[[], None]] = {}  # inferences queued or executing
+        self.credits: dict[int, int] = {}  # streamed answers: parts the worker may still take
+        self.wakes: dict[int, asyncio.Event] = {}
         self.hello = asyncio.Event()
         self._loop = asyncio.get_running_loop()
 
@@ -65,10 +70,19 @@ class WorkerEndpoint:
                 cancel = self.cancels.pop(rid, None)
                 if cancel is not None:
                     cancel()
+                task = self.tasks.get(rid)
+                if task is not None:
+                    task.cancel()  # a forwarded call or a stream whose client went away
+            elif kind == "credit":
+                if rid in self.credits:
+                    self.credits[rid] += payload
+                    self.wakes[rid].set()
             elif kind == "http":
                 self._track(rid, loop.create_task(self._http(rid, payload)))
             elif kind == "grpc":
                 self._track(rid, loop.create_task(self._grpc(rid, payload)))
+            elif kind == "gstream":
+                self._track(rid, loop.create_task(self._grpc_stream(rid, payload)))
             elif kind == "hello":
                 self.hello.set()
 
@@ -90,9 +104,48 @@ class WorkerEndpoint:
     async def _http(self, rid: int, payload: tuple) -> None:
         method, path, headers, body = payload
         response: HttpResponse = await self.rest(HttpRequest(method, path, headers, body))
-        if response.stream is not None:
-            response.body = await _gathered(response.stream)
-        self._send(("http", rid, (response.status, response.body, response.content_type, response.headers)))
+        head = (response.status, response.body, response.content_type, response.headers)
+        if response.stream is None:
+            self._send(("http", rid, head))
+            return
+        self._send(("shttp", rid, head))
+        await self._pump(rid, response.stream)
+
+    async def _grpc_stream(self, rid: int, payload: tuple[str, bytes, dict[str, str], str]) -> None:
+        """One message of a streaming call, answered by this process's own method (so its replies
+        are exactly those of a server without workers), each reply a part."""
+        path, message, metadata, peer = payload
+        method = self.grpc_methods.get(path)
+        try:
+            if method is None or not method.replies:
+                raise CallError(12, f"unknown method {path}")
+            ctx = CallContext("grpc", metadata, peer)
+            if self.authorize is not None:
+                self.authorize(path, ctx)
+            await self._pump(rid, _serialized(method.call(method.parse(message), ctx)))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            code, text = (exc.code, exc.message) if isinstance(exc, CallError) else self.error_status(exc)
+            self._send(("gerr", rid, (code, text)))
+
+    async def _pump(self, rid: int, pieces: AsyncGenerator[bytes, None]) -> None:
+        """Send a streamed answer's pieces as parts, at most STREAM_WINDOW ahead of the worker; while
+        it has no credit the next piece is not taken (and so the model's sender waits)."""
+        self.credits[rid] = ipc.STREAM_WINDOW
+        wake = self.wakes[rid] = asyncio.Event()
+        try:
+            async for piece in pieces:
+                while self.credits[rid] <= 0:
+                    wake.clear()
+                    await wake.wait()
+                self.credits[rid] -= 1
+                self._send(("part", rid, piece))
+            self._send(("end", rid, None))
+        finally:
+            self.credits.pop(rid, None)
+            self.wakes.pop(rid, None)
+            await pieces.aclose()  # now: a cancelled stream withdraws its request at once
 
     async def _grpc(self, rid: int, payload: tuple[str, bytes, dict[str, str], str]) -> None:
         path, message, metadata, peer = payload
@@ -203,21 +256,9 @@ def reuseport_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-# The link carries one answer per request: a streamed answer (generate_stream) is gathered here
-# first, its events arriving together at the end, up to this much.
-MAX_GATHERED = 8 << 20
-
-
-async def _gathered(stream: AsyncGenerator[bytes, None]) -> bytes:
-    pieces, size = [], 0
+async def _serialized(replies: AsyncGenerator[Any, None]) -> AsyncGenerator[bytes, None]:
     try:
-        async for piece in stream:
-            size += len(piece)
-            if size > MAX_GATHERED:
-                pieces.append(b'data: {"error":"the event stream exceeds what --frontend-workers gathers for one '
-                              b'answer (8 MiB); serve streams without --frontend-workers"}\n\n')
-                break
-            pieces.append(piece)
+        async for reply in replies:
+            yield reply.SerializeToString()
     finally:
-        await stream.aclose()
-    return b"".join(pieces)
+        await replies.aclose()

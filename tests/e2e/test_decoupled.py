@@ -22,13 +22,18 @@ from tritonclient.utils import InferenceServerException
 WAIT = 30  # seconds any one response may take
 
 
-@pytest.fixture(scope="module")
-def server(start_server, tmp_path_factory):
+WORKERS = {"one process": (), "frontend workers": ("--frontend-workers", "2")}
+
+
+@pytest.fixture(scope="module", params=list(WORKERS))
+def server(start_server, tmp_path_factory, request):
+    """Every test twice: in one process, and through frontend workers (whose link carries a
+    decoupled model's replies part by part)."""
     repo = tmp_path_factory.mktemp("decoupled")
     pm.write(repo, "repeat", pm.REPEAT_CONFIG, pm.REPEAT)
     pm.write(repo, "add_sub_py", pm.ADD_SUB_CONFIG, pm.ADD_SUB)
     pm.write(repo, "bls_repeat", pm.BLS_REPEAT_CONFIG, pm.BLS_REPEAT)
-    return start_server(repo)
+    return start_server(repo, *WORKERS[request.param])
 
 
 class Stream:

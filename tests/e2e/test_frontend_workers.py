@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import queue
 import signal
 import threading
 import time
@@ -51,7 +52,7 @@ def repo(tmp_path_factory) -> Path:
     cfg = repo / "gathered" / "config.pbtxt"
     cfg.write_text(cfg.read_text() + "dynamic_batching { preferred_batch_size: [8] "
                                       "max_queue_delay_microseconds: 20000000 }\n")
-    pm.write(repo, "repeat", pm.REPEAT_CONFIG, pm.REPEAT)  # decoupled: not through workers yet
+    pm.write(repo, "repeat", pm.REPEAT_CONFIG, pm.REPEAT)  # decoupled
     mb.echo_slow(repo / "slow" / "1" / "model.onnx", matmuls=1000)
     mb.write_config(repo / "slow", 'platform: "onnxruntime_onnx"\nmax_batch_size: 1\ndynamic_batching { }\n'
                                    'parameters { key: "intra_op_thread_count" value: { string_value: "1" } }\n')
@@ -190,37 +191,28 @@ def test_stream_infer_through_a_worker(server):
     assert sum(1 for _, e in replies if e is not None and "nope" in e.message()) == 1
 
 
-def test_a_decoupled_model_is_refused_clearly_through_a_worker(server):
-    """The worker link carries one response per request: a decoupled model's stream request fails
-    with a message saying so (and the unary endpoints refuse it as they do in one process)."""
-    replies: list = []
-    done = threading.Event()
+def test_a_decoupled_model_streams_through_a_worker_and_unary_endpoints_refuse_it(server):
+    """The worker link carries a decoupled model's replies part by part (tests/e2e/test_decoupled.py
+    and test_generate.py run whole through workers too); the unary endpoints refuse it as in one process."""
+    replies: queue.Queue = queue.Queue()
     client = grpcclient.InferenceServerClient(server.grpc_url)
     t = grpcclient.InferInput("IN", [2], "INT32")
     t.set_data_from_numpy(np.array([1, 2], np.int32))
     try:
-        client.start_stream(lambda result, error: (replies.append((result, error)), done.set()))
-        client.async_stream_infer("repeat", [t], request_id="d")
-        assert done.wait(30)
+        client.start_stream(lambda result, error: replies.put((result, error)))
+        client.async_stream_infer("repeat", [t], request_id="d", enable_empty_final_response=True)
+        got = [replies.get(timeout=30) for _ in range(3)]
         client.stop_stream()
     finally:
         client.close()
-    [(_, err)] = replies
-    assert err is not None and "--frontend-workers" in err.message(), err
+    assert all(e is None for _, e in got), got
+    assert [r.as_numpy("OUT").tolist() for r, _ in got[:2]] == [[1], [2]]
+    assert [r.get_response().parameters["triton_final_response"].bool_param for r, _ in got] == [False, False, True]
     h = httpclient.InferInput("IN", [1], "INT32")
     h.set_data_from_numpy(np.array([1], np.int32))
     with pytest.raises(InferenceServerException) as info:
         httpclient.InferenceServerClient(server.http_url).infer("repeat", [h])
     assert info.value.status() == "501" and "decoupled" in info.value.message()
-
-
-def test_generate_stream_through_a_worker_gathers_the_events(server):
-    """The worker link carries one answer per request: the events arrive, all of them, at the end."""
-    status, headers, body = server.request("POST", "/v2/models/repeat/generate_stream",
-                                           json.dumps({"IN": [3, 4, 5]}).encode())
-    assert status == 200 and headers.get("content-type") == "text/event-stream; charset=utf-8", (status, headers)
-    events = [json.loads(e[len("data: "):]) for e in body.decode().split("\n\n") if e]
-    assert [e["OUT"] for e in events] == [3, 4, 5]
 
 
 def test_a_cancelled_call_drops_its_queued_request(server):

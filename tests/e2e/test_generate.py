@@ -14,13 +14,17 @@ import pytest
 import python_models as pm
 from conftest import model_stats, settled_count, wait_until
 
+WORKERS = {"one process": (), "frontend workers": ("--frontend-workers", "2")}
 
-@pytest.fixture(scope="module")
-def server(start_server, tmp_path_factory):
+
+@pytest.fixture(scope="module", params=list(WORKERS))
+def server(start_server, tmp_path_factory, request):
+    """Every test twice: in one process, and through frontend workers (whose link carries a
+    streamed answer part by part)."""
     repo = tmp_path_factory.mktemp("generate")
     pm.write(repo, "repeat", pm.REPEAT_CONFIG, pm.REPEAT)
     pm.write(repo, "add_sub_py", pm.ADD_SUB_CONFIG.replace("max_queue_delay_microseconds: 200000", ""), pm.ADD_SUB)
-    return start_server(repo)
+    return start_server(repo, *WORKERS[request.param])
 
 
 def _post(server, path: str, doc) -> http.client.HTTPResponse:
