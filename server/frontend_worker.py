@@ -85,8 +85,11 @@ class SchedulerClient:
         try:
             return await fut
         except asyncio.CancelledError:
-            if self.pending.pop(rid, None) is not None and self.link.transport is not None:
-                self.link.send(("cancel", rid, None))  # the client went away: drop the queued work
+            # the client went away: drop the queued work (or the streamed answer whose head just came)
+            waiting = self.pending.pop(rid, None) is not None
+            streamed = self.streams.pop(rid, None) is not None
+            if (waiting or streamed) and self.link.transport is not None:
+                self.link.send(("cancel", rid, None))
             raise
 
     async def infer(self, request: InferRequest) -> InferResponse:
@@ -204,9 +207,10 @@ async def serve(args: dict) -> int:
     if "grpc" in listen:
         names = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods_by_name
         methods = {SERVICE + name: Method(bytes, client.grpc_forwarder(SERVICE + name)) for name in names}
-        methods.update(GrpcInfer(client.infer).methods())
-        stream = SERVICE + "ModelStreamInfer"  # answered whole in the scheduler process, replies as parts
-        methods[stream] = Method(bytes, client.grpc_stream_forwarder(stream), streaming=True, replies=True)
+        # ModelStreamInfer: decoded here and sent as an inference, like ModelInfer; a decoupled model's
+        # request (refused as such) goes whole to the scheduler process, its replies coming back as parts
+        methods.update(GrpcInfer(client.infer, forward_stream=client.grpc_stream_forwarder(
+            SERVICE + "ModelStreamInfer")).methods())
         authorize = access.grpc_authorize(access.Policy("grpc", args.get("grpc_restricted_protocol", ())))
         grpc = GrpcServer(methods, max_message=args["max_input_size"], error_status=error_status,
                           authorize=authorize, limits=H2Limits(**args.get("grpc_limits", {})))

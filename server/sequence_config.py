@@ -85,18 +85,23 @@ class SequenceSpec:
         return frozenset(s.output_name for s in self.states)
 
     def corrid(self, value: int | str) -> dict[str, np.ndarray]:
-        """The CORRID control tensors for a request of sequence `value`."""
+        """The CORRID control tensors for a request of sequence `value`; ValueError (saying why)
+        for an id the control's datatype cannot hold."""
         out = {}
         for c in self.controls:
             if c.kind == CORRID:
                 shape = (1, 1) if self.batch_dim else (1,)
                 if c.dtype is dtypes.BYTES:
                     out[c.name] = np.array([str(value).encode()], dtype=object).reshape(shape)
-                elif isinstance(value, str):
-                    raise ValueError(f"control input '{c.name}' takes a numeric correlation ID "
-                                     f"({c.dtype.config}), got the string '{value}'")
-                else:
-                    out[c.name] = np.array([value], dtype=c.dtype.numpy).reshape(shape)
+                    continue
+                if isinstance(value, str):
+                    raise ValueError(f"the string correlation ID '{value}'; the model's CONTROL_SEQUENCE_CORRID "
+                                     f"'{c.name}' takes a numeric one ({c.dtype.config})")
+                info = np.iinfo(c.dtype.numpy)
+                if not info.min <= value <= info.max:
+                    raise ValueError(f"the correlation ID {value}, which the model's CONTROL_SEQUENCE_CORRID "
+                                     f"'{c.name}' ({c.dtype.config}) cannot hold")
+                out[c.name] = np.array([value], dtype=c.dtype.numpy).reshape(shape)
         return out
 
 

@@ -53,6 +53,8 @@ class WorkerEndpoint:
         self.tasks: dict[int, asyncio.Task] = {}  # forwarded requests being answered
         self.cancels: dict[int, Callable[[], None]] = {}  # inferences queued or executing
         self.credits: dict[int, int] = {}  # streamed answers: parts the worker may still take
+        # the forwarded calls a `cancel` stops: streamed answers (model control runs to its end)
+        self.streaming: set[int] = set()
         self.wakes: dict[int, asyncio.Event] = {}
         self.hello = asyncio.Event()
         self._loop = asyncio.get_running_loop()
@@ -71,8 +73,8 @@ class WorkerEndpoint:
                 if cancel is not None:
                     cancel()
                 task = self.tasks.get(rid)
-                if task is not None:
-                    task.cancel()  # a forwarded call or a stream whose client went away
+                if task is not None and rid in self.streaming:
+                    task.cancel()  # a stream whose client went away
             elif kind == "credit":
                 if rid in self.credits:
                     self.credits[rid] += payload
@@ -82,13 +84,18 @@ class WorkerEndpoint:
             elif kind == "grpc":
                 self._track(rid, loop.create_task(self._grpc(rid, payload)))
             elif kind == "gstream":
+                self.streaming.add(rid)
                 self._track(rid, loop.create_task(self._grpc_stream(rid, payload)))
             elif kind == "hello":
                 self.hello.set()
 
     def _track(self, rid: int, task: asyncio.Task) -> None:
         self.tasks[rid] = task
-        task.add_done_callback(lambda t: self.tasks.pop(rid, None))
+
+        def done(_: asyncio.Task) -> None:
+            self.tasks.pop(rid, None)
+            self.streaming.discard(rid)
+        task.add_done_callback(done)
 
     def _send(self, message: ipc.Message) -> None:
         if self.link is not None:
@@ -109,6 +116,7 @@ class WorkerEndpoint:
             self._send(("http", rid, head))
             return
         self._send(("shttp", rid, head))
+        self.streaming.add(rid)
         await self._pump(rid, response.stream)
 
     async def _grpc_stream(self, rid: int, payload: tuple[str, bytes, dict[str, str], str]) -> None:

@@ -65,12 +65,16 @@ def declared_io(config: ModelConfig, where: str) -> ModelIO:
     return ModelIO(tuple(tensor(t, "input") for t in config.input), tuple(tensor(t, "output") for t in config.output))
 
 
-def _positional(declared: list[str], hidden: list[str]) -> list[str]:
+def _positional(declared: list[str], hidden: list[str], where: str) -> list[str]:
     """Declared names then the sequence batcher's, or all by `__<n>` index when every name has one."""
     names = declared + [n for n in hidden if n not in declared]
     suffixes = [n.rpartition("__")[2] for n in names]
     if hidden and all("__" in n and x.isdigit() for n, x in zip(names, suffixes, strict=True)):
-        return [n for _, n in sorted(zip((int(x) for x in suffixes), names, strict=True))]
+        indexes = [int(x) for x in suffixes]
+        if sorted(indexes) != list(range(len(names))):
+            raise ModelLoadError(f"{where}: the inputs or outputs {', '.join(names)} (with the sequence "
+                                 f"batcher's) must be numbered __0 to __{len(names) - 1}, each once")
+        return [n for _, n in sorted(zip(indexes, names, strict=True))]
     return names
 
 
@@ -90,8 +94,8 @@ class TorchInstance:
         # A sequence model's control and state inputs (and state outputs) are positional arguments
         # (and results) too: after the declared ones, or in the order of their `__<n>` suffixes.
         hidden_in, hidden_out = hidden_names(config)
-        self.input_names = _positional([t.name for t in self._io.inputs], list(hidden_in))
-        self.output_names = _positional([t.name for t in self._io.outputs], list(hidden_out))
+        self.input_names = _positional([t.name for t in self._io.inputs], list(hidden_in), where)
+        self.output_names = _positional([t.name for t in self._io.outputs], list(hidden_out), where)
         threads = _param(config, "intra_op_thread_count")
         if threads.isdigit() and int(threads) > 0:
             torch.set_num_threads(int(threads))

@@ -54,11 +54,15 @@ class GrpcInfer:
     runs without a task or coroutine (Method.start): ~2 us of a lone call's ~5 us in the transport."""
 
     def __init__(self, infer: Infer, submit: Submit | None = None, stream: Stream | None = None,
-                 decoupled: Callable[[str, str], bool] | None = None) -> None:
+                 decoupled: Callable[[str, str], bool] | None = None,
+                 forward_stream: Callable[[bytes, CallContext], AsyncIterator[Any]] | None = None) -> None:
         self.infer = infer
         self.submit = submit
-        self.stream = stream  # InferenceService.stream; None in a frontend worker (one reply per request)
+        self.stream = stream  # InferenceService.stream; None in a frontend worker
         self.decoupled = decoupled
+        # In a frontend worker: where a decoupled model's stream request goes whole (the scheduler
+        # process answers it; its serialized replies come back one by one)
+        self.forward_stream = forward_stream
 
     def methods(self) -> dict[str, Method]:
         start = self.start_model_infer if self.submit is not None else None
@@ -105,8 +109,15 @@ class GrpcInfer:
                 try:
                     response = await self.infer(infer_request)
                 except DecoupledUnary:
-                    raise Unsupported("decoupled models are not served through --frontend-workers yet (the "
-                                      "link to the scheduler process carries one response per request)") from None
+                    if self.forward_stream is None:
+                        raise
+                    replies = self.forward_stream(request.SerializeToString(), ctx)
+                    try:
+                        async for reply in replies:
+                            yield reply
+                    finally:
+                        await replies.aclose()  # type: ignore[attr-defined]
+                    return
                 yield pb.ModelStreamInferResponse(infer_response=v2_proto.encode_response(response))
                 return
             async for one, final in cast(Stream, self.stream)(infer_request):

@@ -65,6 +65,7 @@ class _Sequence:
     executing: bool = False
     ended: bool = False  # its END is queued: no request joins it any more
     state: dict[str, np.ndarray] | None = None  # implicit state, by input name; None: the initial value
+    corrid: dict[str, np.ndarray] = field(default_factory=dict)  # its CORRID control tensor, made once
     idle_since: int = 0  # perf_counter_ns when it last ran out of work; 0: it has work
 
 
@@ -90,6 +91,7 @@ class SequenceBatcher:
         self._delay_ns = self.seq.max_queue_delay_us * 1000
         self._idle_ns = self.seq.idle_us * 1000
         self._state_outputs = tuple(s.output_name for s in self.seq.states)
+        self._corrid = any(c.kind == CORRID for c in self.seq.controls)
         try:
             self._max_backlog = int(spec.parameters.get("fuserve_sequence_backlog", DEFAULT_BACKLOG))
         except ValueError:
@@ -120,15 +122,17 @@ class SequenceBatcher:
         if sid == 0 or sid == "":
             raise InvalidArgument(f"inference request to model '{self.name}' must specify a non-zero or non-empty "
                                   f"correlation ID")
-        if isinstance(sid, str) and any(c.kind == CORRID and c.dtype.v2 != "BYTES" for c in self.seq.controls):
-            raise InvalidArgument(f"inference request to model '{self.name}' has the string correlation ID '{sid}'; "
-                                  f"the model's CONTROL_SEQUENCE_CORRID takes an unsigned integer")
         sequence = self._open.get(sid)
         if sequence is None:
             if not work.sequence_start:
                 raise InvalidArgument(f"inference request for sequence {sid} to model '{self.name}' must specify the "
                                       f"START flag on the first request of the sequence")
+            try:
+                corrid = self.seq.corrid(sid) if self._corrid else {}
+            except ValueError as exc:
+                raise InvalidArgument(f"inference request to model '{self.name}' has {exc}") from None
             sequence = self._start(sid)
+            sequence.corrid = corrid
         if work.sequence_end:
             sequence.ended = True
             del self._open[sid]
@@ -239,8 +243,17 @@ class SequenceBatcher:
             return
         if self.seq.strategy == "oldest":
             ready.sort(key=lambda s: s.queue[0].arrival)
-        batch = [s.queue[0] for s in ready[:self.max_rows]]
-        feeds = [self._feeds(p) for p in batch]
+        batch, feeds = [], []
+        for s in ready[:self.max_rows]:
+            p = s.queue[0]
+            try:
+                feeds.append(self._feeds(p))
+            except Exception as exc:  # (never expected) fail that request alone, not the lane
+                self._drop(p, BackendError(f"model '{self.name}': cannot form the sequence inputs: {exc}"))
+                continue
+            batch.append(p)
+        if not batch:
+            return
         if not self._requests and len(batch) > 1:  # one concatenated batch: same shapes only
             key = _key(feeds[0])
             chosen = [i for i, f in enumerate(feeds) if _key(f) == key]
@@ -259,6 +272,14 @@ class SequenceBatcher:
             if fits:
                 batch, feeds = batch[:fits[-1]], feeds[:fits[-1]]
         self._dispatch(lane, batch, feeds)
+
+    def _drop(self, p: _Pending, error: ServerError) -> None:
+        p.taken = True
+        p.sequence.queue.remove(p)
+        self._queued -= 1
+        if not p.future.done():
+            p.future.set_exception(error)
+        self._settle(p.sequence)
 
     def _full(self, lane: _Lane, batch: list[_Pending]) -> bool:
         """Whether a delayed batch may go now: direct, when every live slot has its request (or the
@@ -290,22 +311,25 @@ class SequenceBatcher:
                 feeds[c.name] = c.true if work.sequence_end else c.false  # type: ignore[assignment]
             elif c.kind == READY:
                 feeds[c.name] = c.true  # type: ignore[assignment]
-        if any(c.kind == CORRID for c in self.seq.controls):
-            feeds.update(self.seq.corrid(sequence.id))
+        if sequence.corrid:
+            feeds.update(sequence.corrid)
         restart = work.sequence_start or sequence.state is None
         for st in self.seq.states:
-            feeds[st.input_name] = st.initial if restart else sequence.state[st.input_name]  # type: ignore[index]
+            # the initial value copied: a model may update its state input in place (torch shares it)
+            feeds[st.input_name] = st.initial.copy() if restart else sequence.state[st.input_name]  # type: ignore[index]
         return feeds
 
     def _dispatch(self, lane: _Lane, batch: list[_Pending], feeds: list[dict[str, np.ndarray]]) -> None:
-        if not self.pool.acquire(lane.instance):
-            return  # (it is ours alone: never taken by anyone else)
+        taken = self.pool.acquire(lane.instance)
+        assert taken, "a sequence lane's instance is taken by no one else"
         lane.busy = True
         outputs: dict[str, None] = {}
         for p in batch:
             p.taken = True
             p.sequence.queue.popleft()
             p.sequence.executing = True
+            if p.work.sequence_start:  # a (re)start: should it fail, what follows starts from the initial state
+                p.sequence.state = None
             outputs.update(dict.fromkeys(p.work.outputs))
         outputs.update(dict.fromkeys(self._state_outputs))
         self._queued -= len(batch)
@@ -337,9 +361,9 @@ class SequenceBatcher:
             self.stats.record_execution(len(batch), *timings)
         except Exception as exc:
             error = self._as_error(exc)
+        for p in batch:  # all of the batch first: a slot freed below may start a batch at once
+            p.sequence.executing = False
         for i, p in enumerate(batch):
-            sequence = p.sequence
-            sequence.executing = False
             part = error if parts is None else parts[i]
             try:
                 outcome = None if isinstance(part, Exception) else self._outcome(p, part, started, timings)
@@ -350,7 +374,8 @@ class SequenceBatcher:
                     p.future.set_exception(self._as_error(part))
                 else:
                     p.future.set_result(outcome)  # type: ignore[arg-type]
-            self._settle(sequence)
+        for p in batch:
+            self._settle(p.sequence)
         self._schedule(lane)
         self._check_idle()
 

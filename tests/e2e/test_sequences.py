@@ -209,6 +209,23 @@ def test_sequences_through_frontend_workers(start_server, repo):
             assert [o for o, _, _ in f.result(timeout=WAIT * 2)] == list(np.cumsum(work[key])), key
     status, doc = _http_infer(workers, "accumulate", _body(1, sequence_id=31337))
     assert status == 400 and "must specify the START flag" in doc["error"]
+    replies: queue.Queue = queue.Queue()  # and interleaved on one gRPC stream
+    client = grpcclient.InferenceServerClient(workers.grpc_url)
+    client.start_stream(callback=lambda result, error: replies.put((result, error)))
+    try:
+        for step, v in enumerate([4, 5, 6]):
+            for sid in (8001, 8002):
+                client.async_stream_infer("simple_sequence", _grpc_inputs(v * (sid - 8000)), request_id=f"{sid}_{step}",
+                                          sequence_id=sid, sequence_start=step == 0, sequence_end=step == 2)
+        got = {}
+        for _ in range(6):
+            result, error = replies.get(timeout=WAIT)
+            assert error is None, error
+            got[result.get_response().id] = int(result.as_numpy("OUTPUT")[0][0])
+    finally:
+        client.stop_stream()
+        client.close()
+    assert got == {"8001_0": 5, "8001_1": 5, "8001_2": 6, "8002_0": 9, "8002_1": 10, "8002_2": 12}
 
 
 def test_initial_state_from_a_data_file(server):

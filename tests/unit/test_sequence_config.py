@@ -35,8 +35,12 @@ def test_control_tensors_take_the_configured_forms_and_a_batch_dim():
     corrid = spec.corrid(2**64 - 1)["C"]
     assert corrid.dtype == np.uint64 and corrid.tolist() == [[2**64 - 1]]
     assert spec.hidden_inputs == {"S", "R", "E", "C"}
-    with pytest.raises(ValueError, match="numeric correlation ID"):
+    with pytest.raises(ValueError, match="takes a numeric one"):
         spec.corrid("abc")
+    small = _spec('control_input [ { name: "C" control [ { kind: CONTROL_SEQUENCE_CORRID data_type: TYPE_INT32 } ] } ]')
+    with pytest.raises(ValueError, match="cannot hold"):
+        small.corrid(2**31)
+    assert small.corrid(2**31 - 1)["C"].tolist() == [[2**31 - 1]]
     unbatched = _spec('control_input [ { name: "S" control [ { kind: CONTROL_SEQUENCE_START int32_false_true: [0, 1] }'
                       ' ] } ]', batch=0)
     assert unbatched.controls[0].true.shape == (1,)
