@@ -120,10 +120,16 @@ class GrpcInfer:
                     return
                 yield pb.ModelStreamInferResponse(infer_response=v2_proto.encode_response(response))
                 return
+            encoder: v2_proto.StreamReplies | None = None
             async for one, final in cast(Stream, self.stream)(infer_request):
                 if one is None:
                     if empty_final:
                         yield _flag_only_final(infer_request)
+                    continue
+                if not one.parameters:
+                    if encoder is None:
+                        encoder = v2_proto.StreamReplies(one.model_name, one.model_version, one.id)
+                    yield encoder.encode(one, final)
                     continue
                 one.parameters["triton_final_response"] = final
                 yield _stream_reply(v2_proto.encode_response(one))

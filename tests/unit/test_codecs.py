@@ -123,3 +123,31 @@ def test_proto_parameters_round_trip():
     msg = pb.ModelInferRequest()
     v2_proto.parameters_to_proto({"b": True, "i": 3, "f": 0.5, "s": "x"}, msg.parameters)
     assert v2_proto.parameters_from_proto(msg.parameters) == {"b": True, "i": 3, "f": 0.5, "s": "x"}
+
+
+@pytest.mark.parametrize("final", [False, True])
+@pytest.mark.parametrize(("name", "version", "rid"), [("m", "1", "req-7"), ("model_" * 30, "", "")])
+def test_a_stream_reply_written_by_hand_is_the_message_protobuf_writes(final, name, version, rid):
+    outputs = [Tensor("OUT", "INT32", (2, 3), np.arange(6, dtype=np.int32).reshape(2, 3)),
+               Tensor("TEXT", "BYTES", (2,), np.array([b"a", "\u00e9".encode()], dtype=object)),
+               Tensor("EMPTY", "FP32", (0, 300), np.zeros((0, 300), np.float32)),
+               Tensor("SCALAR", "FP64", (), np.array(2.5))]
+    response = InferResponse(name, version, outputs, rid)
+    expected = pb.ModelStreamInferResponse(infer_response=v2_proto.encode_response(response))
+    expected.infer_response.parameters["triton_final_response"].bool_param = final
+    replies = v2_proto.StreamReplies(name, version, rid)
+    for _ in range(2):  # the second time from its cache of output headers
+        wire = replies.encode(response, final)
+        got = pb.ModelStreamInferResponse.FromString(wire.SerializeToString())
+        assert got == expected
+        assert got.infer_response.parameters["triton_final_response"].WhichOneof("parameter_choice") == "bool_param"
+        assert wire == expected.SerializeToString()
+    other = InferResponse(name, version, [Tensor("OUT", "INT32", (1, 3), np.arange(3, dtype=np.int32).reshape(1, 3))],
+                          rid)  # another shape of the same output
+    assert replies.encode(other, final) == _expected(other, final).SerializeToString()
+
+
+def _expected(response, final):
+    message = pb.ModelStreamInferResponse(infer_response=v2_proto.encode_response(response))
+    message.infer_response.parameters["triton_final_response"].bool_param = final
+    return message
