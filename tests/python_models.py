@@ -360,9 +360,10 @@ class TritonPythonModel:
         delay = params.get("delay_ms", 0) / 1000
         for i, v in enumerate(values.tolist()):
             if sender.is_cancelled():
-                if params.get("mark"):
-                    with open(params["mark"], "w") as f:
+                if params.get("mark"):  # written whole, then renamed: a reader never sees it empty
+                    with open(params["mark"] + ".tmp", "w") as f:
                         f.write(str(i))
+                    os.replace(params["mark"] + ".tmp", params["mark"])
                 return
             if i == params.get("error_at", -1):
                 sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(

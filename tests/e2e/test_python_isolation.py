@@ -79,8 +79,7 @@ class TritonPythonModel:
             elif mode == 1:
                 os._exit(1)
             elif mode == 2:
-                with open(os.path.join(self.folder, "executing"), "w") as f:
-                    f.write(str(os.getpid()))
+                _mark(os.path.join(self.folder, "executing"))
                 time.sleep(60)
             elif mode == 3:
                 ctypes.string_at(0)
@@ -95,8 +94,15 @@ class TritonPythonModel:
         return out
 
     def finalize(self):
-        with open(os.path.join(self.folder, "finalized"), "w") as f:
-            f.write(str(os.getpid()))
+        _mark(os.path.join(self.folder, "finalized"))
+
+
+def _mark(path):
+    """This process's pid in `path`, written whole then renamed: a test polling for the file never
+    reads it empty."""
+    with open(path + ".tmp", "w") as f:
+        f.write(str(os.getpid()))
+    os.replace(path + ".tmp", path)
 '''
 CRASH_CONFIG = '''
 backend: "python"
