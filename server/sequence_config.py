@@ -30,6 +30,8 @@ from .dtypes import DType
 from .errors import ModelLoadError
 
 DEFAULT_IDLE_US = 1_000_000  # Triton's default max_sequence_idle_microseconds
+DEFAULT_BACKLOG = 4096  # sequences waiting for a slot, past which a new one is rejected
+BACKLOG_PARAMETER = "fuserve_sequence_backlog"
 START, END, READY, CORRID = "START", "END", "READY", "CORRID"
 _KINDS = {mc.ModelSequenceBatching.Control.CONTROL_SEQUENCE_START: START,
           mc.ModelSequenceBatching.Control.CONTROL_SEQUENCE_END: END,
@@ -75,6 +77,7 @@ class SequenceSpec:
     controls: tuple[ControlSpec, ...]
     states: tuple[StateSpec, ...]
     batch_dim: bool  # max_batch_size > 0: control and state tensors carry a batch dim of 1
+    backlog: int = DEFAULT_BACKLOG  # the parameter fuserve_sequence_backlog
 
     @property
     def hidden_inputs(self) -> frozenset[str]:
@@ -219,6 +222,13 @@ def sequence_spec(config: Any, backend: str, version_dir: Path | None, where: st
         raise ModelLoadError(f"{where}: {', '.join(clash)} is a sequence control or state tensor; the server "
                              f"provides it, so it must not be listed in input or output")
     idle = sb.max_sequence_idle_microseconds or DEFAULT_IDLE_US
+    backlog = DEFAULT_BACKLOG
+    if BACKLOG_PARAMETER in config.parameters:
+        text = config.parameters[BACKLOG_PARAMETER].string_value.strip()
+        if not text.isdigit():
+            raise ModelLoadError(f"{where}: parameter '{BACKLOG_PARAMETER}' must be a non-negative integer, "
+                                 f"not {text!r}")
+        backlog = int(text)
     if sb.HasField("oldest"):
         o = sb.oldest
         candidates = o.max_candidate_sequences or rows
@@ -228,9 +238,9 @@ def sequence_spec(config: Any, backend: str, version_dir: Path | None, where: st
             raise ModelLoadError(f"{where}: sequence_batching.oldest.preferred_batch_size {bad} must be between 1 "
                                  f"and max_batch_size ({config.max_batch_size})")
         return SequenceSpec("oldest", candidates, idle, o.max_queue_delay_microseconds, 0.0, preferred, controls,
-                            states, batch_dim)
+                            states, batch_dim, backlog)
     d = sb.direct
     if not 0.0 <= d.minimum_slot_utilization <= 1.0:
         raise ModelLoadError(f"{where}: sequence_batching.direct.minimum_slot_utilization must be between 0 and 1")
     return SequenceSpec("direct", rows, idle, d.max_queue_delay_microseconds, d.minimum_slot_utilization, (),
-                        controls, states, batch_dim)
+                        controls, states, batch_dim, backlog)

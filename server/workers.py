@@ -55,6 +55,7 @@ class WorkerEndpoint:
         self.credits: dict[int, int] = {}  # streamed answers: parts the worker may still take
         # the forwarded calls a `cancel` stops: streamed answers (model control runs to its end)
         self.streaming: set[int] = set()
+        self.gone: set[int] = set()  # forwarded HTTP calls whose client left before any answer
         self.wakes: dict[int, asyncio.Event] = {}
         self.hello = asyncio.Event()
         self._loop = asyncio.get_running_loop()
@@ -75,6 +76,8 @@ class WorkerEndpoint:
                 task = self.tasks.get(rid)
                 if task is not None and rid in self.streaming:
                     task.cancel()  # a stream whose client went away
+                elif task is not None:
+                    self.gone.add(rid)  # a call still being answered: should it stream, nobody reads it
             elif kind == "credit":
                 if rid in self.credits:
                     self.credits[rid] += payload
@@ -95,6 +98,7 @@ class WorkerEndpoint:
         def done(_: asyncio.Task) -> None:
             self.tasks.pop(rid, None)
             self.streaming.discard(rid)
+            self.gone.discard(rid)
         task.add_done_callback(done)
 
     def _send(self, message: ipc.Message) -> None:
@@ -114,6 +118,9 @@ class WorkerEndpoint:
         head = (response.status, response.body, response.content_type, response.headers)
         if response.stream is None:
             self._send(("http", rid, head))
+            return
+        if rid in self.gone:  # its client left while the answer was made: withdraw the stream's request
+            await response.stream.aclose()
             return
         self._send(("shttp", rid, head))
         self.streaming.add(rid)

@@ -151,7 +151,7 @@ class StreamReplies:
     """One stream request's replies, ModelStreamInferResponse{infer_response: a response with the
     parameter triton_final_response}, written straight to wire form: a decoupled model's replies
     share their model name, version and id, and mostly their outputs' names, datatypes and shapes,
-    so those fields are encoded once per request (8.9 -> ~2 us a reply against building and
+    so those fields are encoded once per request (3.0 us a reply, against 8.9 us building and
     serializing the two messages). Byte for byte what protobuf writes; for responses without
     parameters of their own."""
 

@@ -42,7 +42,6 @@ from ..stats import ModelStats
 from .base import Outcome, Work
 from .execute import execute_batch, execute_requests
 
-DEFAULT_BACKLOG = 4096
 START_FLAG, END_FLAG = 1, 2  # TRITONSERVER_REQUEST_FLAG_SEQUENCE_START / _END
 
 
@@ -92,10 +91,6 @@ class SequenceBatcher:
         self._idle_ns = self.seq.idle_us * 1000
         self._state_outputs = tuple(s.output_name for s in self.seq.states)
         self._corrid = any(c.kind == CORRID for c in self.seq.controls)
-        try:
-            self._max_backlog = int(spec.parameters.get("fuserve_sequence_backlog", DEFAULT_BACKLOG))
-        except ValueError:
-            self._max_backlog = DEFAULT_BACKLOG
         self._open: dict[int | str, _Sequence] = {}  # id -> the live sequence a request joins
         self._backlog: deque[_Sequence] = deque()
         self._idle_sequences: dict[_Sequence, None] = {}  # in the order they went idle (= expiry order)
@@ -156,7 +151,7 @@ class SequenceBatcher:
         lane = max(self._lanes, key=lambda la: la.free)
         if lane.free:
             self._seat(sequence, lane, lane.slots.index(None))
-        elif len(self._backlog) >= self._max_backlog:
+        elif len(self._backlog) >= self.seq.backlog:
             raise Rejected(f"inference request for sequence {sid} to model '{self.name}' rejected: every sequence "
                            f"slot is taken and {len(self._backlog)} sequences wait for one "
                            f"(fuserve_sequence_backlog)")

@@ -250,7 +250,8 @@ def test_implicit_state_on_a_torchscript_model(server):
     def send(sid: int, values: list[float], **flags) -> list[float]:
         t = grpcclient.InferInput("INPUT__0", [1, 2], "FP32")
         t.set_data_from_numpy(np.array([values], dtype=np.float32))
-        return client.infer("torch_accumulate", [t], sequence_id=sid, **flags).as_numpy("OUTPUT__0")[0].tolist()
+        result = client.infer("torch_accumulate", [t], sequence_id=sid, client_timeout=60, **flags)
+        return result.as_numpy("OUTPUT__0")[0].tolist()
 
     assert send(1, [1, 2], sequence_start=True) == [1, 2]
     assert send(2, [10, 10], sequence_start=True) == [10, 10]

@@ -73,6 +73,11 @@ def repo(tmp_path_factory):
     (repo / "accumulate_100" / "1" / "initial_state").mkdir()
     (repo / "accumulate_100" / "1" / "initial_state" / "hundred").write_bytes(struct.pack("<i", 100))
     pm.write(repo, "seq_py", pm.SEQUENCE_CONFIG % "direct { }", pm.SEQUENCE)
+    pm.write(repo, "seq_py_direct_delay", pm.SEQUENCE_CONFIG % "direct { max_queue_delay_microseconds: 2000000 }",
+             pm.SEQUENCE)
+    mb.accumulator(repo / "accumulate_backlog_1" / "1" / "model.onnx")  # 2 slots, 1 sequence may wait
+    mb.write_config(repo / "accumulate_backlog_1", (ACCUMULATE % "zero_data: true")
+                    + 'parameters { key: "fuserve_sequence_backlog" value: { string_value: "1" } }\n')
     pm.write(repo, "seq_py_oldest", pm.SEQUENCE_CONFIG % (
         "oldest { max_candidate_sequences: 4, preferred_batch_size: [ 2 ], max_queue_delay_microseconds: 2000000 }"),
         pm.SEQUENCE)
@@ -148,7 +153,7 @@ def test_simple_sequence_interleaved_on_one_grpc_stream_as_triton_answers(server
 
 
 def test_simple_sequence_over_http_with_tritonclient(server):
-    client = httpclient.InferenceServerClient(server.http_url)
+    client = httpclient.InferenceServerClient(server.http_url, network_timeout=WAIT)
     outs = []
     for i, v in enumerate([5, 3, 9]):
         r = client.infer("simple_sequence", _http_inputs(v), sequence_id=77, sequence_start=i == 0, sequence_end=i == 2)
@@ -236,7 +241,8 @@ def test_start_on_a_live_sequence_restarts_its_state(server):
     client = grpcclient.InferenceServerClient(server.grpc_url)
 
     def send(v, **flags):
-        return int(client.infer("accumulate", _grpc_inputs(v), sequence_id=91, **flags).as_numpy("OUTPUT")[0][0])
+        return int(client.infer("accumulate", _grpc_inputs(v), sequence_id=91, client_timeout=WAIT,
+                                **flags).as_numpy("OUTPUT")[0][0])
 
     assert [send(5, sequence_start=True), send(5), send(1, sequence_start=True), send(2, sequence_end=True)] == \
         [5, 10, 1, 3]
@@ -247,21 +253,21 @@ def test_a_waiting_sequence_gets_the_slot_an_ended_one_frees(server):
     """Two slots: a third sequence's START waits (unanswered, while the two live ones are served)
     until one of them ends."""
     client = grpcclient.InferenceServerClient(server.grpc_url)
-    client.infer("accumulate", _grpc_inputs(1), sequence_id=301, sequence_start=True)
-    client.infer("accumulate", _grpc_inputs(2), sequence_id=302, sequence_start=True)
+    client.infer("accumulate", _grpc_inputs(1), sequence_id=301, sequence_start=True, client_timeout=WAIT)
+    client.infer("accumulate", _grpc_inputs(2), sequence_id=302, sequence_start=True, client_timeout=WAIT)
     answered: queue.Queue = queue.Queue()
     client.async_infer("accumulate", _grpc_inputs(3), lambda result, error: answered.put((result, error)),
                        sequence_id=303, sequence_start=True)
     for _ in range(3):  # the live sequences are served meanwhile; the third still waits
-        client.infer("accumulate", _grpc_inputs(1), sequence_id=301)
-        client.infer("accumulate", _grpc_inputs(1), sequence_id=302)
+        client.infer("accumulate", _grpc_inputs(1), sequence_id=301, client_timeout=WAIT)
+        client.infer("accumulate", _grpc_inputs(1), sequence_id=302, client_timeout=WAIT)
     assert answered.empty()
-    assert int(client.infer("accumulate", _grpc_inputs(0), sequence_id=301, sequence_end=True)
+    assert int(client.infer("accumulate", _grpc_inputs(0), sequence_id=301, sequence_end=True, client_timeout=WAIT)
                .as_numpy("OUTPUT")[0][0]) == 4
     result, error = answered.get(timeout=WAIT)
     assert error is None and int(result.as_numpy("OUTPUT")[0][0]) == 3
-    client.infer("accumulate", _grpc_inputs(0), sequence_id=302, sequence_end=True)
-    client.infer("accumulate", _grpc_inputs(0), sequence_id=303, sequence_end=True)
+    client.infer("accumulate", _grpc_inputs(0), sequence_id=302, sequence_end=True, client_timeout=WAIT)
+    client.infer("accumulate", _grpc_inputs(0), sequence_id=303, sequence_end=True, client_timeout=WAIT)
     client.close()
 
 
@@ -269,7 +275,7 @@ def test_a_waiting_sequence_gets_the_slot_an_ended_one_frees(server):
 
 
 def test_python_model_sees_control_tensors_flags_and_string_ids(server):
-    client = httpclient.InferenceServerClient(server.http_url)
+    client = httpclient.InferenceServerClient(server.http_url, network_timeout=WAIT)
     rows = []
     for i, v in enumerate([4, 5, 6]):
         r = client.infer("seq_py", _http_inputs(v, "IN"), sequence_id="session-a", sequence_start=i == 0,
@@ -279,14 +285,16 @@ def test_python_model_sees_control_tensors_flags_and_string_ids(server):
     client.close()
 
 
-def test_oldest_strategy_batches_the_candidate_sequences(server):
-    """Two sequences' requests arrive together: the oldest strategy holds the first (queue delay 2 s)
-    until the preferred batch of 2 forms, and executes them in one call."""
+@pytest.mark.parametrize("model", ["seq_py_oldest", "seq_py_direct_delay"])
+def test_a_queue_delay_batches_the_live_sequences(server, model):
+    """Two sequences' requests arrive together: with a queue delay of 2 s the first is held until
+    the other's joins it (oldest: the preferred batch of 2; direct: every live slot has its request),
+    and they execute in one call."""
     def one(sid: int) -> list[tuple[int, int]]:
         client = grpcclient.InferenceServerClient(server.grpc_url)
         out = []
         for i, v in enumerate([1, 2, 3]):
-            r = client.infer("seq_py_oldest", _grpc_inputs(v, "IN"), sequence_id=sid, sequence_start=i == 0,
+            r = client.infer(model, _grpc_inputs(v, "IN"), sequence_id=sid, sequence_start=i == 0,
                              sequence_end=i == 2, client_timeout=WAIT)
             out.append((int(r.as_numpy("OUT")[0][0]), int(r.as_numpy("BATCH")[0][0])))
         client.close()
@@ -298,16 +306,37 @@ def test_oldest_strategy_batches_the_candidate_sequences(server):
     assert max(n for _, n in a + b) == 2
 
 
+def test_past_the_backlog_a_new_sequence_is_rejected(server):
+    """Two slots and fuserve_sequence_backlog 1: a third sequence waits, a fourth is refused (503 /
+    UNAVAILABLE), and once a slot frees the waiting one is answered."""
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    for sid in (1, 2):
+        client.infer("accumulate_backlog_1", _grpc_inputs(sid), sequence_id=sid, sequence_start=True,
+                     client_timeout=WAIT)
+    waiting: queue.Queue = queue.Queue()
+    client.async_infer("accumulate_backlog_1", _grpc_inputs(3), lambda result, error: waiting.put((result, error)),
+                       sequence_id=3, sequence_start=True, sequence_end=True, client_timeout=WAIT)
+    wait_until(lambda: model_stats(server, "accumulate_backlog_1")["fuserve_pending"] == 1, WAIT, "the third to wait")
+    status, doc = _http_infer(server, "accumulate_backlog_1", _body(4, sequence_id=4, sequence_start=True))
+    assert status == 503 and "fuserve_sequence_backlog" in doc["error"], doc
+    client.infer("accumulate_backlog_1", _grpc_inputs(0), sequence_id=1, sequence_end=True, client_timeout=WAIT)
+    result, error = waiting.get(timeout=WAIT)
+    assert error is None and int(result.as_numpy("OUTPUT")[0][0]) == 3
+    client.infer("accumulate_backlog_1", _grpc_inputs(0), sequence_id=2, sequence_end=True, client_timeout=WAIT)
+    client.close()
+
+
 def test_an_idle_sequence_is_freed_and_its_next_request_needs_start(server):
     client = grpcclient.InferenceServerClient(server.grpc_url)
-    client.infer("seq_py", _grpc_inputs(1, "IN"), sequence_id=555, sequence_start=True)
+    client.infer("seq_py", _grpc_inputs(1, "IN"), sequence_id=555, sequence_start=True, client_timeout=WAIT)
     time.sleep(1.0)  # max_sequence_idle_microseconds is 300000
     with pytest.raises(InferenceServerException) as err:
-        client.infer("seq_py", _grpc_inputs(1, "IN"), sequence_id=555)
+        client.infer("seq_py", _grpc_inputs(1, "IN"), sequence_id=555, client_timeout=WAIT)
     assert err.value.status() == "StatusCode.INVALID_ARGUMENT"
     assert "inference request for sequence 555 to model 'seq_py' must specify the START flag on the first request " \
            "of the sequence" in err.value.message()
-    r = client.infer("seq_py", _grpc_inputs(2, "IN"), sequence_id=555, sequence_start=True, sequence_end=True)
+    r = client.infer("seq_py", _grpc_inputs(2, "IN"), sequence_id=555, sequence_start=True, sequence_end=True,
+                     client_timeout=WAIT)
     assert int(r.as_numpy("OUT")[0][0]) == 2
     client.close()
 
@@ -335,10 +364,10 @@ def test_requests_without_an_id_or_start_or_with_batch_2_fail_as_triton_answers(
                                               "to requirements of sequence batcher")
     client = grpcclient.InferenceServerClient(server.grpc_url)
     with pytest.raises(InferenceServerException) as err:
-        client.infer("accumulate", _grpc_inputs(1), sequence_id=424242)
+        client.infer("accumulate", _grpc_inputs(1), sequence_id=424242, client_timeout=WAIT)
     assert err.value.status() == "StatusCode.INVALID_ARGUMENT" and "START flag" in err.value.message()
     with pytest.raises(InferenceServerException) as err:
-        client.infer("accumulate", _grpc_inputs(1))
+        client.infer("accumulate", _grpc_inputs(1), client_timeout=WAIT)
     assert err.value.status() == "StatusCode.INVALID_ARGUMENT" and "correlation ID" in err.value.message()
     client.close()
 

@@ -66,6 +66,15 @@ def test_initial_states_zeros_or_a_data_file(tmp_path):
     assert spec.hidden_outputs == {"B", "D"}
 
 
+def test_the_backlog_parameter_is_read_at_load_and_a_bad_one_fails_it():
+    config = text_format.Parse('max_batch_size: 2 sequence_batching { } parameters { key: "fuserve_sequence_backlog" '
+                               'value: { string_value: "7" } }', ModelConfig())
+    assert sequence_spec(config, "onnxruntime", None, "m").backlog == 7
+    config.parameters["fuserve_sequence_backlog"].string_value = "many"
+    with pytest.raises(ModelLoadError, match="'fuserve_sequence_backlog' must be a non-negative integer"):
+        sequence_spec(config, "onnxruntime", None, "m")
+
+
 @pytest.mark.parametrize(("text", "backend", "message"), [
     ('control_input [ { name: "S" control [ { kind: CONTROL_SEQUENCE_START } ] } ]', "onnxruntime",
      "needs exactly one of int32_false_true"),
