@@ -151,7 +151,7 @@ class LinkStream:
             if self.taken == ipc.CREDIT_BATCH:
                 self._send(("credit", self.rid, self.taken))
                 self.taken = 0
-            return self.wrap(payload)
+            return [self.wrap(p) for p in payload] if type(payload) is list else self.wrap(payload)
         self._finish()
         if kind == "end":
             raise StopAsyncIteration

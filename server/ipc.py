@@ -14,8 +14,8 @@ the worker has passed n more parts on), `hello` (the worker is serving).
 Scheduler -> worker: `ok` (a packed InferResponse), `err` (error class name and message), `http`
 (status, body, content type, headers), `shttp` (the same, for an answer whose body streams as
 parts: /generate_stream), `grpc` (status code, message, reply bytes), `part` (the next bytes of a
-streamed answer: an event, or one serialized gRPC reply), `end` (that answer is complete), `gerr`
-(a streaming gRPC call failed: status code, message).
+streamed answer: events, or serialized gRPC replies, one or a list that leave together), `end`
+(that answer is complete), `gerr` (a streaming gRPC call failed: status code, message).
 
 A streamed answer is credited: the scheduler sends at most STREAM_WINDOW parts the worker has not
 passed on, so a client that reads slowly makes the model's sender wait, as without workers, and

@@ -23,7 +23,7 @@ from .repository import ModelVersion, Repository
 from .scheduler import Outcome, Work
 from .scheduler.lending import Runner
 from .sink import ResponseSink
-from .types import InferRequest, InferResponse, Parameters, Tensor
+from .types import InferRequest, InferResponse, Parameters, Responses, Tensor
 
 
 @dataclass(slots=True)
@@ -307,15 +307,18 @@ class InferenceService:
             raise
 
     async def stream(self, request: InferRequest, *, internal: bool = False, runner: Runner | None = None
-                     ) -> AsyncGenerator[tuple[InferResponse | None, bool], None]:
-        """A request's responses as they come, each with whether it is the last: any number from a
-        decoupled model (a flag-only final comes as (None, True)), exactly one from any other. An
-        error raises, after the responses sent before it. Closing the iterator early (the client
-        went away) cancels the request: queued work is dropped, the model's `is_cancelled()` turns
-        true and what it sends after is dropped. `internal` and `runner` as for `infer` (a BLS call)."""
+                     ) -> AsyncGenerator[Responses, None]:
+        """A request's responses as they come, in batches (types.Responses): each is every response
+        sent since the last batch was taken, each with whether it is the last, so that one write
+        can carry them all. Any number from a decoupled model (a flag-only final is (None, True)),
+        exactly one from any other. An error raises, after the batch of responses sent before it.
+        Closing the iterator early (the client went away) cancels the request: queued work is
+        dropped, the model's `is_cancelled()` turns true and what it sends after is dropped.
+        `internal` and `runner` as for `infer` (a BLS call)."""
         mv = self.repository.get(request.model_name, request.model_version) if internal else self._admit(request)
         if not mv.decoupled:
-            yield await self.infer(request, internal=internal, runner=runner), True
+            one = await self.infer(request, internal=internal, runner=runner)
+            yield Responses(one.model_name, one.model_version, one.id, (), [(one, True)])
             return
         start = time.perf_counter_ns()
         self._in_flight += 1
@@ -329,23 +332,25 @@ class InferenceService:
             pending = mv.scheduler.enqueue(call.work)
             pending.future.add_done_callback(lambda f: None if f.cancelled() or f.exception() is None
                                              else sink.fail(cast(BaseException, f.exception())))
-            outcome: Outcome | None = None
-            first, sent = 0, 0
-            while True:
-                result, final = await sink.get()
+            first, sent, final = 0, 0, False
+            index = mv.spec.output_index
+            outputs = tuple((n, index[n].datatype) for n in call.names)
+            name, version = mv.spec.name, str(mv.version)
+            while not final:
+                items = await sink.take()
                 if not first:
                     first = time.perf_counter_ns() - start
-                if isinstance(result, BaseException):
-                    raise result
-                if pending.future.done() and outcome is None and not pending.future.cancelled():
-                    outcome = pending.future.result()
-                if result is not None:
-                    sent += 1
-                yield (None if result is None else _response(mv, request, call.names, result)), final
-                if final:
-                    break
-            if outcome is None and pending.future.done():
-                outcome = pending.future.result()
+                last, final = items[-1]  # only the last can end the request (sink.take)
+                failure = last if isinstance(last, BaseException) else None
+                if failure is not None:
+                    items.pop()
+                sent += len(items) - (last is None)
+                if items:
+                    yield Responses(name, version, request.id, outputs, items)
+                if failure is not None:
+                    raise failure
+            done = pending.future.done() and not pending.future.cancelled()
+            outcome = pending.future.result() if done else None
             self._record(mv, call, outcome or Outcome({}, 0, 0, 0, 0), time.perf_counter_ns())
             mv.stats.record_stream(first, sent)
         except BaseException as exc:

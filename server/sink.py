@@ -3,13 +3,13 @@
     model thread:  respond(outputs | error | None, final)  ── waits while `credits` responses are
                    (Request.respond, through the batcher)      taken by nobody (backpressure)
                            │ a deque; call_soon_threadsafe only when the loop waits for it
-    event loop:    ResponseSink.get() ──> the frontend writes it, then asks for the next one
+    event loop:    ResponseSink.take() ──> the frontend writes what came, then asks for more
 
 A decoupled model may answer a request zero, one or many times, from `execute` or from any thread
 after it, until it flags a response final. The sink holds at most `credits` responses that the
 frontend has not taken yet; past that, the model's `send` waits, so a client that reads slowly
-slows the model's sender instead of growing the server's memory (the frontend takes the next
-response only once the transport has room for it). A closed sink (the client went away, or the
+slows the model's sender instead of growing the server's memory (the frontend takes more
+only once the transport has room for what it took). A closed sink (the client went away, or the
 request ended) drops what is sent to it and wakes a waiting sender, and `cancelled()` turns true:
 that is what the model's `is_cancelled()` reads.
 """
@@ -30,46 +30,51 @@ class ResponseSink:
 
     Responses wait in one deque under a lock; the loop is woken (one `call_soon_threadsafe`) only
     when the frontend waits for a response, not for every response: a model sending a burst wakes
-    the loop once for all that arrive before the loop runs. Credits are a count under the same
-    lock; a sender blocks on an Event only when none is left."""
+    the loop once for all that arrive before the loop runs, and the frontend takes them all at
+    once (`take`). Credits are a count under the same lock; a sender blocks on the sink's one
+    Event only when none is left, and is woken once the frontend has taken what was there, not
+    once per response (each wake is a thread switch)."""
 
-    __slots__ = ("_loop", "_loop_thread", "_items", "_lock", "_waiting", "_ready", "_credits", "_room",
-                 "_closed", "_ended")
+    __slots__ = ("_loop", "_loop_thread", "_items", "_lock", "_waiting", "_ready", "_credits", "_held", "_room",
+                 "_sender_waits", "_closed", "_ended")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, credits: int = CREDITS) -> None:
         self._loop = loop
         self._loop_thread = threading.get_ident()
-        self._items: deque[tuple[Any, bool, bool]] = deque()  # (result, final, took a credit)
+        self._items: deque[tuple[Any, bool]] = deque()  # (result, final); an ending one is the last
         self._lock = threading.Lock()
         self._waiting = False  # the frontend waits on _ready: the next response wakes the loop
         self._ready = asyncio.Event()
         self._credits = credits
-        self._room: threading.Event | None = None  # set when a sender waits for a credit
+        self._held = 0  # credits taken by the responses in _items
+        self._room = threading.Event()  # set when credits come back to a sender that waits for one
+        self._sender_waits = False
         self._closed = False
-        self._ended = False  # a final response (or an error) was sent: nothing more is taken
+        self._ended = False  # a final response (or an error) was taken in: nothing more is
 
     # ---- the model's side (any thread) -----------------------------------------------------------
 
     def respond(self, result: Any, final: bool) -> None:
         """A response (outputs, an exception, or None for a flag-only final). Waits for room while
-        the frontend has not taken `credits` responses; returns at once once the sink is closed."""
-        if self._closed or self._ended:
-            return
-        if isinstance(result, Exception) or final:
-            self._ended = True
+        the frontend has not taken `credits` responses; returns at once once the sink is closed
+        or has ended (what comes after a final response is dropped, whichever thread sends it)."""
         on_loop = threading.get_ident() == self._loop_thread  # never waits there: the loop is the taker
         while True:
             with self._lock:
-                if self._closed:
+                if self._closed or self._ended:
                     return
                 if on_loop or self._credits > 0:
                     if not on_loop:
                         self._credits -= 1
-                    self._items.append((result, final, not on_loop))
+                        self._held += 1
+                    self._items.append((result, final))
+                    if final or isinstance(result, Exception):
+                        self._ended = True
                     wake, self._waiting = self._waiting, False
                     break
-                room = self._room = threading.Event()
-            room.wait(0.05)
+                self._sender_waits = True
+                self._room.clear()
+            self._room.wait(0.05)
         if wake:
             if on_loop:
                 self._ready.set()
@@ -81,35 +86,35 @@ class ResponseSink:
 
     # ---- the frontend's side (the event loop) ----------------------------------------------------
 
-    async def get(self) -> tuple[Any, bool]:
-        """The next response: (outputs dict | exception | None, final)."""
+    async def take(self) -> deque[tuple[Any, bool]]:
+        """Every response sent and not yet taken, at least one, in order: (outputs dict |
+        exception | None, final) each. Only the last can end the request (final, or an error)."""
         while True:
             self._ready.clear()
             with self._lock:
                 if self._items:
-                    result, final, credited = self._items.popleft()
-                    room = None
-                    if credited:
-                        self._credits += 1
-                        room, self._room = self._room, None
+                    items = self._items
+                    self._items = deque()
+                    self._credits += self._held
+                    self._held = 0
+                    room, self._sender_waits = self._sender_waits, False
                     break
                 self._waiting = True
             await self._ready.wait()
-        if room is not None:
-            room.set()
-        return result, final
+        if room:
+            self._room.set()
+        return items
 
     def fail(self, exc: BaseException) -> None:
         """The execution failed before the request's final response: it ends with this error."""
-        if not self._ended:
+        with self._lock:
+            if self._closed or self._ended:
+                return
             self._ended = True
-            with self._lock:
-                if self._closed:
-                    return
-                self._items.append((exc, True, False))
-                wake, self._waiting = self._waiting, False
-            if wake:
-                self._ready.set()
+            self._items.append((exc, True))
+            wake, self._waiting = self._waiting, False
+        if wake:
+            self._ready.set()
 
     def close(self) -> None:
         """Nothing more is taken; a sender waiting for room is let go."""
@@ -118,6 +123,4 @@ class ResponseSink:
                 return
             self._closed = True
             self._items.clear()
-            room, self._room = self._room, None
-        if room is not None:
-            room.set()
+        self._room.set()

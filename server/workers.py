@@ -144,7 +144,7 @@ class WorkerEndpoint:
             code, text = (exc.code, exc.message) if isinstance(exc, CallError) else self.error_status(exc)
             self._send(("gerr", rid, (code, text)))
 
-    async def _pump(self, rid: int, pieces: AsyncGenerator[bytes, None]) -> None:
+    async def _pump(self, rid: int, pieces: AsyncGenerator[Any, None]) -> None:
         """Send a streamed answer's pieces as parts, at most STREAM_WINDOW ahead of the worker; while
         it has no credit the next piece is not taken (and so the model's sender waits)."""
         self.credits[rid] = ipc.STREAM_WINDOW
@@ -271,9 +271,11 @@ def reuseport_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def _serialized(replies: AsyncGenerator[Any, None]) -> AsyncGenerator[bytes, None]:
+async def _serialized(replies: AsyncGenerator[Any, None]) -> AsyncGenerator[Any, None]:
+    """A streaming method's replies as parts: bytes, or a list of them that leave together."""
     try:
         async for reply in replies:
-            yield reply.SerializeToString()
+            yield [r if isinstance(r, bytes) else r.SerializeToString() for r in reply] if type(reply) is list \
+                else reply.SerializeToString()
     finally:
         await replies.aclose()

@@ -57,11 +57,24 @@ def decode_request(body: bytes, model_name: str, model_version: str, inputs: Map
 
 
 def encode_response(response: InferResponse) -> bytes:
-    doc: dict[str, Any] = {"model_name": response.model_name, "model_version": response.model_version}
-    for t in response.outputs:
-        values = v2_json._json_values(Tensor(t.name, t.datatype, t.shape, t.data.reshape(-1)))
-        doc[t.name] = values[0] if len(values) == 1 else values
+    outputs = tuple((t.name, t.datatype) for t in response.outputs)
+    return encode_arrays(response.model_name, response.model_version, outputs,
+                         {t.name: t.data for t in response.outputs})
+
+
+def encode_arrays(model_name: str, model_version: str, outputs: tuple[tuple[str, str], ...],
+                  arrays: Mapping[str, np.ndarray]) -> bytes:
+    """A response from its arrays by output name; `outputs`: (name, V2 datatype) of each, in order
+    (a decoupled model's responses, types.Responses, are not made InferResponses for this)."""
+    doc: dict[str, Any] = {"model_name": model_name, "model_version": model_version}
+    for name, datatype in outputs:
+        flat = arrays[name].reshape(-1)
+        values = flat if datatype not in _CONVERTED else v2_json._json_values(Tensor(name, datatype, flat.shape, flat))
+        doc[name] = values[0] if len(values) == 1 else values
     return orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+_CONVERTED = ("BYTES", "BF16")  # datatypes whose values v2_json turns into JSON's
 
 
 def event(data: bytes) -> bytes:

@@ -149,39 +149,62 @@ _FINAL_PARAMETER = {True: _final_parameter(True), False: _final_parameter(False)
 
 class StreamReplies:
     """One stream request's replies, ModelStreamInferResponse{infer_response: a response with the
-    parameter triton_final_response}, written straight to wire form: a decoupled model's replies
-    share their model name, version and id, and mostly their outputs' names, datatypes and shapes,
-    so those fields are encoded once per request (3.0 us a reply, against 8.9 us building and
-    serializing the two messages). Byte for byte what protobuf writes; for responses without
-    parameters of their own."""
+    parameter triton_final_response}, written straight to wire form from a decoupled model's
+    arrays (types.Responses): its replies share their model name, version and id, and mostly their
+    outputs' shapes, so those fields are encoded once per request. Byte for byte what protobuf
+    writes (1.3 us a reply of one small output, against 8.9 us making the response objects and
+    serializing the two messages)."""
 
-    __slots__ = ("_prefix", "_headers")
+    __slots__ = ("_prefix", "_outputs", "_headers", "_shape", "_heads")
 
-    def __init__(self, model_name: str, model_version: str, request_id: str) -> None:
+    def __init__(self, model_name: str, model_version: str, request_id: str,
+                 outputs: tuple[tuple[str, str], ...]) -> None:
         self._prefix = b"".join([_field(1, model_name.encode()) if model_name else b"",
                                  _field(2, model_version.encode()) if model_version else b"",
                                  _field(3, request_id.encode()) if request_id else b""])
-        self._headers: dict[tuple[str, str, tuple[int, ...]], bytes] = {}
+        self._outputs = outputs
+        self._headers: dict[tuple[str, tuple[int, ...]], bytes] = {}
+        # One numeric output (the common case, a token at a time): its shape the last time, and
+        # everything before its contents for that shape, final or not.
+        self._shape: tuple[int, ...] | None = None
+        self._heads: tuple[bytes, bytes] = (b"", b"")
 
-    def encode(self, response: InferResponse, final: bool) -> Serialized:
+    def encode(self, arrays: dict[str, np.ndarray], final: bool) -> bytes:
+        """The reply's message in wire form."""
+        outputs = self._outputs
+        if len(outputs) == 1 and outputs[0][1] != "BYTES":
+            arr = arrays[outputs[0][0]]
+            if arr.shape != self._shape:
+                header = self._header(outputs[0][0], outputs[0][1], arr.shape) + b"\x32"
+                self._heads = (self._prefix + _FINAL_PARAMETER[False] + header,
+                               self._prefix + _FINAL_PARAMETER[True] + header)
+                self._shape = arr.shape
+            head = self._heads[final]
+            data = arr.tobytes()
+            size = _varint(len(data))
+            return b"".join((b"\x12", _varint(len(head) + len(size) + len(data)), head, size, data))
         parts = [self._prefix, _FINAL_PARAMETER[final]]
         contents = []
         headers = self._headers
-        for t in response.outputs:
-            key = (t.name, t.datatype, t.shape)
-            header = headers.get(key)
-            if header is None:
-                if len(headers) >= 64:  # outputs whose shapes keep changing: a bounded cache
-                    headers.clear()
-                shape = b"".join([varint(d) for d in t.shape])
-                header = headers[key] = _field(5, _field(1, t.name.encode()) + _field(2, t.datatype.encode())
-                                               + (_field(3, shape) if shape else b""))
-            parts.append(header)
-            data = raw.encode(t.data)
+        for name, datatype in outputs:
+            arr = arrays[name]
+            known = headers.get((name, arr.shape))
+            parts.append(known if known is not None else self._header(name, datatype, arr.shape))
+            data = arr.tobytes() if datatype != "BYTES" else raw.encode(arr)
             contents.append(b"\x32" + _varint(len(data)))  # raw_output_contents, field 6
             contents.append(data)
         inner = b"".join(parts + contents)
-        return Serialized(b"\x12" + _varint(len(inner)) + inner)
+        return b"\x12" + _varint(len(inner)) + inner
+
+    def _header(self, name: str, datatype: str, shape: tuple[int, ...]) -> bytes:
+        """An output's InferOutputTensor (name, datatype, shape), cached: a bounded cache, for
+        outputs whose shapes keep changing."""
+        if len(self._headers) >= 64:
+            self._headers.clear()
+        dims = b"".join([varint(d) for d in shape])
+        header = self._headers[(name, shape)] = _field(5, _field(1, name.encode()) + _field(2, datatype.encode())
+                                                        + (_field(3, dims) if dims else b""))
+        return header
 
 
 def encode_response(response: InferResponse) -> pb.ModelInferResponse:

@@ -105,10 +105,11 @@ class Bridge:
     async def _collect(self, core: InferRequest, runner: Any) -> list[pb_utils.InferenceResponse]:
         """`exec(decoupled=True)`: every response of the callee until its final, as Triton's iterator
         gives them (a flag-only final as an empty response); an error is the last response."""
-        out = []
+        out: list[pb_utils.InferenceResponse] = []
         try:
-            async for one, _ in self.service.stream(core, internal=True, runner=runner):
-                out.append(pb_utils.InferenceResponse() if one is None else _response(one))
+            async for batch in self.service.stream(core, internal=True, runner=runner):
+                out.extend(pb_utils.InferenceResponse() if one is None else _response(one)
+                           for one, _ in batch.responses())
         except Exception as exc:
             out.append(_error_response(core.model_name, exc))
         return out

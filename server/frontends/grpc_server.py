@@ -89,7 +89,8 @@ class Method:
     # Streaming only: `call` returns an async iterator, and each of its replies goes back as it
     # comes (many replies to one message, as a decoupled model gives). The next one is taken only
     # while the connection holds no more replies than it may: a client that reads slowly makes the
-    # iterator wait, and so whoever feeds it (server/sink.py).
+    # iterator wait, and so whoever feeds it (server/sink.py). An item that is a list is several
+    # replies that leave together: one DATA frame, one write.
     replies: bool = False
     # Unary only, optional: the same call without a task. `start(request, ctx, reply)` begins it
     # (raising what `call` would raise before it waits) and returns the function that cancels it;
@@ -389,7 +390,10 @@ class GrpcProtocol(asyncio.Protocol):
                 replies = call.method.call(_parse(call.method, message), call.ctx)
                 try:
                     async for reply in replies:
-                        self._reply(call, reply.SerializeToString(), end=False)
+                        if type(reply) is list:
+                            self._reply(call, _framed(reply), end=False, framed=True)
+                        else:
+                            self._reply(call, reply.SerializeToString(), end=False)
                         await self._room()
                 finally:
                     await replies.aclose()  # now, not when collected: a cancelled request ends at once
@@ -439,14 +443,15 @@ class GrpcProtocol(asyncio.Protocol):
 
     # ---- replies -------------------------------------------------------------------------------
 
-    def _reply(self, call: Call, body: bytes, end: bool) -> None:
+    def _reply(self, call: Call, body: bytes, end: bool, framed: bool = False) -> None:
+        """Send a reply's message (`framed`: messages already in gRPC framing, one after another)."""
         if call.done or self.transport is None:
             return
         conn = self.conn
         stream = conn.streams.get(call.sid)
         if stream is None:
             return
-        data = _MSG_HEAD.pack(0, len(body)) + body
+        data = body if framed else _MSG_HEAD.pack(0, len(body)) + body
         if not stream.headers_sent:
             if end:  # a unary call: one buffer, one write
                 # _close_call's work, what of it applies: its one task is this one, its input was taken
@@ -554,6 +559,17 @@ class GrpcProtocol(asyncio.Protocol):
         """GOAWAY: no new streams; the connection closes once its open streams end."""
         self.conn.shutdown()
         self._write_out()
+
+
+def _framed(replies: list[Any]) -> bytes:
+    """Replies one after another, each a gRPC message (those already bytes are not copied)."""
+    parts = []
+    head = _MSG_HEAD.pack
+    for reply in replies:
+        body = reply if isinstance(reply, bytes) else reply.SerializeToString()
+        parts.append(head(0, len(body)))
+        parts.append(body)
+    return b"".join(parts)
 
 
 def _parse(method: Method, message: bytes) -> Any:

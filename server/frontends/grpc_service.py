@@ -23,7 +23,7 @@ from ..codecs import v2_proto
 from ..context import CallContext
 from ..errors import DecoupledUnary, ServerError, Unsupported, as_server_error
 from ..service import InferenceService
-from ..types import InferRequest, InferResponse
+from ..types import InferRequest, InferResponse, Responses
 from .grpc_server import Method, Reply
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ Infer = Callable[[InferRequest], Awaitable[InferResponse]]
 # InferenceService.submit: queue now, answer by callback, return the cancel function
 Submit = Callable[[InferRequest, Callable[[InferResponse | None, BaseException | None], None]], Callable[[], None]]
 # InferenceService.stream: a request's responses as they come, each with whether it is the last
-Stream = Callable[[InferRequest], AsyncIterator[tuple[InferResponse | None, bool]]]
+Stream = Callable[[InferRequest], AsyncIterator[Responses]]
 
 
 class GrpcInfer:
@@ -94,10 +94,11 @@ class GrpcInfer:
             raise Unsupported(_UNARY_DECOUPLED) from None
 
     async def stream_infer(self, request: pb.ModelInferRequest,
-                           ctx: CallContext) -> AsyncIterator[pb.ModelStreamInferResponse | v2_proto.Serialized]:
-        """One request on ModelStreamInfer: its replies, as Triton 2.51 sends them. A decoupled
-        model's data responses carry `triton_final_response: false`; its flag-only final is an
-        empty response with `triton_final_response: true`, sent only when the request asked for it
+                           ctx: CallContext) -> AsyncIterator[Any]:
+        """One request on ModelStreamInfer: its replies (a message, or a list of those that leave
+        together), as Triton 2.51 sends them. A decoupled model's data responses carry
+        `triton_final_response: false`; its flag-only final is an empty response with
+        `triton_final_response: true`, sent only when the request asked for it
         (`triton_enable_empty_final_response`). A failure becomes a reply's error_message, which
         ends that request (nothing follows it), and the stream goes on."""
         try:
@@ -121,18 +122,23 @@ class GrpcInfer:
                 yield pb.ModelStreamInferResponse(infer_response=v2_proto.encode_response(response))
                 return
             encoder: v2_proto.StreamReplies | None = None
-            async for one, final in cast(Stream, self.stream)(infer_request):
-                if one is None:
-                    if empty_final:
-                        yield _flag_only_final(infer_request)
-                    continue
-                if not one.parameters:
-                    if encoder is None:
-                        encoder = v2_proto.StreamReplies(one.model_name, one.model_version, one.id)
-                    yield encoder.encode(one, final)
-                    continue
-                one.parameters["triton_final_response"] = final
-                yield _stream_reply(v2_proto.encode_response(one))
+            async for batch in cast(Stream, self.stream)(infer_request):
+                together: list[Any] = []
+                for one, final in batch.items:
+                    if type(one) is dict:  # a decoupled model's arrays: straight to wire form
+                        if encoder is None:
+                            encoder = v2_proto.StreamReplies(batch.model_name, batch.model_version, batch.id,
+                                                             batch.outputs)
+                        together.append(encoder.encode(one, final))
+                    elif one is None:
+                        if empty_final:
+                            together.append(_flag_only_final(infer_request))
+                    else:
+                        response = cast(InferResponse, one)
+                        response.parameters["triton_final_response"] = final
+                        together.append(_stream_reply(v2_proto.encode_response(response)))
+                if together:
+                    yield together  # they leave in one write (grpc_server.Method.replies)
         except Exception as exc:
             yield pb.ModelStreamInferResponse(
                 error_message=as_server_error(exc).message,

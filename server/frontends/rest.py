@@ -15,6 +15,7 @@ from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from urllib.parse import unquote
 
+import numpy as np
 import orjson
 
 from .. import access
@@ -22,7 +23,7 @@ from ..codecs import generate, v2_json
 from ..errors import DecoupledUnary, InvalidArgument, NotFound, ServerError, Unsupported, as_server_error
 from ..model_config import config_to_json
 from ..service import InferenceService
-from ..types import InferRequest, InferResponse
+from ..types import InferRequest, InferResponse, Responses
 from .http_messages import HttpRequest, HttpResponse
 
 log = logging.getLogger(__name__)
@@ -238,18 +239,30 @@ class Router:
         return None
 
 
-async def _events(first: InferResponse | None, rest: AsyncGenerator[tuple[InferResponse | None, bool], None]
-                  ) -> AsyncGenerator[bytes, None]:
+async def _events(first: Responses, rest: AsyncGenerator[Responses, None]) -> AsyncGenerator[bytes, None]:
+    """One `data:` event per response; a batch's events leave together, as one chunk."""
     try:
-        if first is not None:
-            yield generate.event(generate.encode_response(first))
-        async for response, _ in rest:
-            if response is not None:
-                yield generate.event(generate.encode_response(response))
+        batch = first
+        while True:
+            events = b"".join([generate.event(_generated(batch, r)) for r, _ in batch.items if r is not None])
+            if events:
+                yield events
+            if batch.final:
+                break
+            following = await anext(rest, None)
+            if following is None:
+                break
+            batch = following
     except Exception as exc:
         yield generate.event(orjson.dumps({"error": as_server_error(exc).message}))
     finally:
         await rest.aclose()
+
+
+def _generated(batch: Responses, response: dict[str, np.ndarray] | InferResponse) -> bytes:
+    if isinstance(response, dict):  # a decoupled model's arrays
+        return generate.encode_arrays(batch.model_name, batch.model_version, batch.outputs, response)
+    return generate.encode_response(response)
 
 
 async def _not_found(request: HttpRequest, *captures: str) -> HttpResponse:
@@ -318,9 +331,8 @@ class RestFrontend:
         responses = self.service.stream(self._generate_request(request, name, version))
         try:
             got: list[InferResponse] = []
-            async for response, _ in responses:
-                if response is not None:
-                    got.append(response)
+            async for batch in responses:
+                got.extend(response for response, _ in batch.responses() if response is not None)
                 if len(got) > 1:
                     break
         finally:
@@ -337,11 +349,11 @@ class RestFrontend:
         `data: {"error": ...}` that ends the stream."""
         responses = self.service.stream(self._generate_request(request, name, version))
         try:
-            first, final = await anext(responses)
+            first = await anext(responses)
         except BaseException:
             await responses.aclose()
             raise
-        if first is None and final:  # zero responses
+        if first.final and all(response is None for response, _ in first.items):  # zero responses
             await responses.aclose()
             return HttpResponse(200, b"", _EVENT_STREAM)
         return HttpResponse(200, b"", _EVENT_STREAM, stream=_events(first, responses))

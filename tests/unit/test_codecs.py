@@ -135,16 +135,20 @@ def test_a_stream_reply_written_by_hand_is_the_message_protobuf_writes(final, na
     response = InferResponse(name, version, outputs, rid)
     expected = pb.ModelStreamInferResponse(infer_response=v2_proto.encode_response(response))
     expected.infer_response.parameters["triton_final_response"].bool_param = final
-    replies = v2_proto.StreamReplies(name, version, rid)
+    replies = v2_proto.StreamReplies(name, version, rid, tuple((t.name, t.datatype) for t in outputs))
+    arrays = {t.name: t.data for t in outputs}
     for _ in range(2):  # the second time from its cache of output headers
-        wire = replies.encode(response, final)
-        got = pb.ModelStreamInferResponse.FromString(wire.SerializeToString())
+        wire = replies.encode(arrays, final)
+        got = pb.ModelStreamInferResponse.FromString(wire)
         assert got == expected
         assert got.infer_response.parameters["triton_final_response"].WhichOneof("parameter_choice") == "bool_param"
         assert wire == expected.SerializeToString()
     other = InferResponse(name, version, [Tensor("OUT", "INT32", (1, 3), np.arange(3, dtype=np.int32).reshape(1, 3))],
                           rid)  # another shape of the same output
-    assert replies.encode(other, final) == _expected(other, final).SerializeToString()
+    replies = v2_proto.StreamReplies(name, version, rid, (("OUT", "INT32"),))
+    replies.encode({"OUT": np.zeros((2, 3), np.int32)}, final)
+    for _ in range(2):  # one numeric output: its own path, the second time from its cached head
+        assert replies.encode({"OUT": other.outputs[0].data}, final) == _expected(other, final).SerializeToString()
 
 
 def _expected(response, final):

@@ -195,7 +195,7 @@ class PythonInstance:
             if want is dtypes.BYTES:
                 if arr.dtype != object:
                     arr = pb_utils._bytes_object_array(arr)
-            elif want is not None and arr.dtype != want.numpy:
+            elif want is not None and arr.dtype is not want.numpy and arr.dtype != want.numpy:  # `is`: fast, usual
                 cast = _as_declared(arr, want.numpy)
                 if cast is None:
                     return BackendError(f"model '{self.name}' returned output '{name}' as {arr.dtype}, which does "
