@@ -1,17 +1,18 @@
 """One request, many responses: the sink between a decoupled model's threads and the event loop.
 
-    model thread:  respond(outputs | error | None, final)  ── waits while `credits` responses are
-                   (Request.respond, through the batcher)      taken by nobody (backpressure)
+    model thread:  respond(outputs | error | None, final)  ── waits while the window is full of
+                   (Request.respond, through the batcher)      responses taken by nobody (backpressure)
                            │ a deque; call_soon_threadsafe only when the loop waits for it
     event loop:    ResponseSink.take() ──> the frontend writes what came, then asks for more
 
 A decoupled model may answer a request zero, one or many times, from `execute` or from any thread
 after it, until it flags a response final. The sink holds at most `credits` responses that the
-frontend has not taken yet; past that, the model's `send` waits, so a client that reads slowly
-slows the model's sender instead of growing the server's memory (the frontend takes more
-only once the transport has room for what it took). A closed sink (the client went away, or the
-request ended) drops what is sent to it and wakes a waiting sender, and `cancelled()` turns true:
-that is what the model's `is_cancelled()` reads.
+frontend has not taken yet, and about `window_bytes` of their arrays (a window, as HTTP/2's is: at
+least one response fits, however large); past that, the model's `send` waits, so a client that reads
+slowly slows the model's sender instead of growing the server's memory (the frontend takes more only
+once the transport has room for what it took). A closed sink (the client went away, or the request
+ended) drops what is sent to it and wakes a waiting sender, and `cancelled()` turns true: that is
+what the model's `is_cancelled()` reads.
 """
 
 from __future__ import annotations
@@ -21,8 +22,13 @@ import threading
 from collections import deque
 from typing import Any
 
-# Responses a sink holds for its frontend before the model's sender waits.
-CREDITS = 16
+# What a sink holds for its frontend before the model's sender waits: responses, and bytes of
+# their arrays (object arrays count their pointers; the count bounds those). The frontend takes
+# all it holds at once and writes them together, so the window is also the largest batch: at 16
+# responses a batch, a stream of small ones ran at 57-59k responses/s over gRPC, at 50 about 76k,
+# whole (100) about 120k (docs/perf.md).
+CREDITS = 256
+WINDOW_BYTES = 1 << 20
 
 
 class ResponseSink:
@@ -35,10 +41,11 @@ class ResponseSink:
     Event only when none is left, and is woken once the frontend has taken what was there, not
     once per response (each wake is a thread switch)."""
 
-    __slots__ = ("_loop", "_loop_thread", "_items", "_lock", "_waiting", "_ready", "_credits", "_held", "_room",
-                 "_sender_waits", "_closed", "_ended")
+    __slots__ = ("_loop", "_loop_thread", "_items", "_lock", "_waiting", "_ready", "_credits", "_held",
+                 "_window", "_held_bytes", "_room", "_sender_waits", "_closed", "_ended")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, credits: int = CREDITS) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, credits: int = CREDITS,
+                 window_bytes: int = WINDOW_BYTES) -> None:
         self._loop = loop
         self._loop_thread = threading.get_ident()
         self._items: deque[tuple[Any, bool]] = deque()  # (result, final); an ending one is the last
@@ -47,6 +54,8 @@ class ResponseSink:
         self._ready = asyncio.Event()
         self._credits = credits
         self._held = 0  # credits taken by the responses in _items
+        self._window = window_bytes
+        self._held_bytes = 0  # their arrays' bytes
         self._room = threading.Event()  # set when credits come back to a sender that waits for one
         self._sender_waits = False
         self._closed = False
@@ -59,14 +68,19 @@ class ResponseSink:
         the frontend has not taken `credits` responses; returns at once once the sink is closed
         or has ended (what comes after a final response is dropped, whichever thread sends it)."""
         on_loop = threading.get_ident() == self._loop_thread  # never waits there: the loop is the taker
+        size = 0
+        if type(result) is dict and not on_loop:
+            for array in result.values():
+                size += array.nbytes
         while True:
             with self._lock:
                 if self._closed or self._ended:
                     return
-                if on_loop or self._credits > 0:
+                if on_loop or (self._credits > 0 and (self._held_bytes + size <= self._window or not self._held)):
                     if not on_loop:
                         self._credits -= 1
                         self._held += 1
+                        self._held_bytes += size
                     self._items.append((result, final))
                     if final or isinstance(result, Exception):
                         self._ended = True
@@ -96,7 +110,7 @@ class ResponseSink:
                     items = self._items
                     self._items = deque()
                     self._credits += self._held
-                    self._held = 0
+                    self._held = self._held_bytes = 0
                     room, self._sender_waits = self._sender_waits, False
                     break
                 self._waiting = True

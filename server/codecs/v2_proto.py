@@ -152,8 +152,8 @@ class StreamReplies:
     parameter triton_final_response}, written straight to wire form from a decoupled model's
     arrays (types.Responses): its replies share their model name, version and id, and mostly their
     outputs' shapes, so those fields are encoded once per request. Byte for byte what protobuf
-    writes (1.3 us a reply of one small output, against 8.9 us making the response objects and
-    serializing the two messages)."""
+    writes (1.1-1.8 us a reply of one small output, against 8.9 us making the response objects
+    and serializing the two messages)."""
 
     __slots__ = ("_prefix", "_outputs", "_headers", "_shape", "_heads")
 

@@ -179,11 +179,13 @@ class Tensor:
     __slots__ = ("_name", "_array", "_dtype")
 
     def __init__(self, name: str, numpy_array: Any) -> None:
-        name = _text(name, "Tensor name")
+        if type(name) is not str:
+            name = _text(name, "Tensor name")
         if not name:
             raise TritonModelException("Tensor name cannot be an empty string.")
         array = numpy_array if isinstance(numpy_array, np.ndarray) else np.asarray(numpy_array)
-        self._dtype = _dtype_code(array.dtype)
+        code = _NUMPY_TO_CODE.get(array.dtype.type)  # _dtype_code's usual case, without its call
+        self._dtype = code if code is not None else _dtype_code(array.dtype)
         if not array.flags.c_contiguous:
             array = np.ascontiguousarray(array)
         self._name = name
@@ -572,6 +574,8 @@ class InferenceResponse:
     ) -> None:
         outputs = list(output_tensors) if output_tensors is not None else []
         for tensor in outputs:
+            if type(tensor) is Tensor:
+                continue
             if tensor is None:
                 raise TritonModelException("Output tensor for inference response should not be empty.")
             if not isinstance(tensor, Tensor):
