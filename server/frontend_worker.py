@@ -96,6 +96,11 @@ class SchedulerClient:
         result: InferResponse = await self._call("infer", ipc.pack_request(request))
         return result
 
+    async def refused(self, name: str, version: str, exc: Exception) -> None:
+        """A request that did not decode here: the scheduler judges its model (InferenceService.refused)
+        and answers with the error to give, NotFound or this one (counted there)."""
+        await self._call("refused", (name, version, type(exc).__name__, str(exc)))
+
     async def http(self, request: HttpRequest) -> HttpResponse:
         answer = await self._call("http", (request.method, request.path, request.headers, request.body))
         if isinstance(answer, tuple) and len(answer) == 2:  # ("shttp" head, its parts)
@@ -200,7 +205,7 @@ async def serve(args: dict) -> int:
     listen = args["listen"]
     if "http" in listen:
         http_policy = access.Policy("http", args.get("http_restricted_api", ()))
-        http = HttpServer(ForwardingRestFrontend(client.infer, client.http, http_policy).handle,
+        http = HttpServer(ForwardingRestFrontend(client.infer, client.http, client.refused, http_policy).handle,
                           max_body=args["max_input_size"], error_body=error_body,
                           limits=HttpLimits(**args.get("http_limits", {})))
         await http.start("", 0, sock=_listening(*listen["http"]), ssl=contexts.get("http"))
@@ -209,7 +214,7 @@ async def serve(args: dict) -> int:
         methods = {SERVICE + name: Method(bytes, client.grpc_forwarder(SERVICE + name)) for name in names}
         # ModelStreamInfer: decoded here and sent as an inference, like ModelInfer; a decoupled model's
         # request (refused as such) goes whole to the scheduler process, its replies coming back as parts
-        methods.update(GrpcInfer(client.infer, forward_stream=client.grpc_stream_forwarder(
+        methods.update(GrpcInfer(client.infer, refused=client.refused, forward_stream=client.grpc_stream_forwarder(
             SERVICE + "ModelStreamInfer")).methods())
         authorize = access.grpc_authorize(access.Policy("grpc", args.get("grpc_restricted_protocol", ())))
         grpc = GrpcServer(methods, max_message=args["max_input_size"], error_status=error_status,

@@ -10,7 +10,8 @@ Kinds, worker -> scheduler: `infer` (a packed InferRequest), `cancel` (the clien
 `http` (a non-inference REST request, answered by the scheduler's own REST frontend), `grpc` (a
 non-inference gRPC call: method path and message bytes), `gstream` (one message of a streaming
 gRPC call, ModelStreamInfer: path, message bytes; its replies come back as parts), `credit` (n:
-the worker has passed n more parts on), `hello` (the worker is serving).
+the worker has passed n more parts on), `refused` (an inference the worker could not decode:
+model name, version, error class and message; answered `err`), `hello` (the worker is serving).
 Scheduler -> worker: `ok` (a packed InferResponse), `err` (error class name and message), `http`
 (status, body, content type, headers), `shttp` (the same, for an answer whose body streams as
 parts: /generate_stream), `grpc` (status code, message, reply bytes), `part` (the next bytes of a

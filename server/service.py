@@ -12,7 +12,7 @@ import asyncio
 import time
 from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
-from typing import cast
+from typing import NoReturn, cast
 
 import numpy as np
 
@@ -37,8 +37,11 @@ class _Call:
     prepared: int
 
 
-EXTENSIONS = ("binary_tensor_data", "model_configuration", "model_repository", "parameters", "statistics",
-              "generate")
+# What the server metadata names: exactly the extensions served (Triton's names). Not named,
+# because not served: classification, system_shared_memory, cuda_shared_memory, trace, logging,
+# model_repository(unload_dependents).
+EXTENSIONS = ("binary_tensor_data", "model_configuration", "model_repository", "parameters", "schedule_policy",
+              "sequence", "statistics", "generate")
 
 
 @dataclass(frozen=True)
@@ -216,6 +219,15 @@ class InferenceService:
 
     def server_metadata(self) -> dict:
         return {"name": self.server_name, "version": f"{__version__}+fuserve", "extensions": list(EXTENSIONS)}
+
+    def refused(self, name: str, version: str, exc: Exception) -> NoReturn:
+        """A request to model `name` that could not be decoded (`exc`, its reason). The model is
+        judged first, as Triton does: NotFound (Triton's text) when there is no such model or
+        version; otherwise the request counts as the model's failed one (nv_inference_request_failure,
+        reason OTHER, like the other checks that refuse a request) and `exc` is raised."""
+        mv = self.repository.get(name, version)
+        _failed(mv, time.perf_counter_ns(), exc)
+        raise exc
 
     def model_ready(self, name: str, version: str = "") -> bool:
         try:

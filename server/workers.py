@@ -89,6 +89,12 @@ class WorkerEndpoint:
             elif kind == "gstream":
                 self.streaming.add(rid)
                 self._track(rid, loop.create_task(self._grpc_stream(rid, payload)))
+            elif kind == "refused":  # a request the worker could not decode: its model judged here
+                name, version, cls, message = payload
+                try:
+                    self.service.refused(name, version, ipc.unpack_error((cls, message)))
+                except Exception as exc:
+                    self._send(("err", rid, ipc.pack_error(exc)))
             elif kind == "hello":
                 self.hello.set()
 

@@ -21,7 +21,7 @@ from .. import access
 from .._proto import grpc_service_pb2 as pb
 from ..codecs import v2_proto
 from ..context import CallContext
-from ..errors import DecoupledUnary, ServerError, Unsupported, as_server_error
+from ..errors import DecoupledUnary, InvalidArgument, ServerError, Unsupported, as_server_error
 from ..service import InferenceService
 from ..types import InferRequest, InferResponse, Responses
 from .grpc_server import Method, Reply
@@ -55,8 +55,14 @@ class GrpcInfer:
 
     def __init__(self, infer: Infer, submit: Submit | None = None, stream: Stream | None = None,
                  decoupled: Callable[[str, str], bool] | None = None,
-                 forward_stream: Callable[[bytes, CallContext], AsyncIterator[Any]] | None = None) -> None:
+                 forward_stream: Callable[[bytes, CallContext], AsyncIterator[Any]] | None = None,
+                 refused: Callable[[str, str, Exception], Awaitable[None]] | None = None,
+                 refused_now: Callable[[str, str, Exception], None] | None = None) -> None:
         self.infer = infer
+        # A request that does not decode is judged after its model (rest.Refused): `refused_now`
+        # in this process (the service's, also for `submit`), `refused` over a frontend worker's link.
+        self.refused = refused
+        self.refused_now = refused_now
         self.submit = submit
         self.stream = stream  # InferenceService.stream; None in a frontend worker
         self.decoupled = decoupled
@@ -72,7 +78,7 @@ class GrpcInfer:
 
     async def model_infer(self, request: pb.ModelInferRequest, ctx: CallContext) -> pb.ModelInferResponse:
         try:
-            response = await self.infer(v2_proto.decode_request(request))
+            response = await self.infer(await self._decoded(request))
         except DecoupledUnary:
             raise Unsupported(_UNARY_DECOUPLED) from None
         return v2_proto.encode_response(response)
@@ -89,9 +95,25 @@ class GrpcInfer:
             reply(message, None)
 
         try:
-            return cast(Submit, self.submit)(v2_proto.decode_request(request), answered)
+            decoded = v2_proto.decode_request(request)
+        except InvalidArgument as exc:
+            if self.refused_now is not None:
+                self.refused_now(request.model_name, request.model_version, exc)
+            raise
+        try:
+            return cast(Submit, self.submit)(decoded, answered)
         except DecoupledUnary:
             raise Unsupported(_UNARY_DECOUPLED) from None
+
+    async def _decoded(self, request: pb.ModelInferRequest) -> InferRequest:
+        try:
+            return v2_proto.decode_request(request)
+        except InvalidArgument as exc:
+            if self.refused_now is not None:
+                self.refused_now(request.model_name, request.model_version, exc)
+            elif self.refused is not None:
+                await self.refused(request.model_name, request.model_version, exc)
+            raise
 
     async def stream_infer(self, request: pb.ModelInferRequest,
                            ctx: CallContext) -> AsyncIterator[Any]:
@@ -102,7 +124,7 @@ class GrpcInfer:
         (`triton_enable_empty_final_response`). A failure becomes a reply's error_message, which
         ends that request (nothing follows it), and the stream goes on."""
         try:
-            infer_request = v2_proto.decode_request(request)
+            infer_request = await self._decoded(request)
             empty_final = bool(infer_request.parameters.pop(_EMPTY_FINAL, False))
             decoupled = self.stream is not None and self.decoupled is not None and \
                 self.decoupled(infer_request.model_name, infer_request.model_version)
@@ -183,7 +205,7 @@ class GrpcFrontend:
         }
         methods = {SERVICE + name: Method(cls.FromString, call) for name, (cls, call) in handlers.items()}
         methods.update(GrpcInfer(self.service.infer, self.service.submit, self.service.stream,
-                                 self.service.is_decoupled).methods())
+                                 self.service.is_decoupled, refused_now=self.service.refused).methods())
         for name in _NOT_OFFERED:
             methods[SERVICE + name] = Method(lambda data: data, _not_offered(name))
         return methods

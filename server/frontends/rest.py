@@ -56,16 +56,28 @@ def _path_parts(request: HttpRequest) -> list[str]:
     return [unquote(p) for p in parts] if "%" in request.path else parts
 
 
+# Called with the model's name and version and the reason when an infer request cannot be decoded:
+# raises NotFound for an unknown model, else counts the failure and raises the reason
+# (InferenceService.refused, or in a frontend worker its call over the link).
+Refused = Callable[[str, str, Exception], Awaitable[None]]
+
+
 async def infer_endpoint(request: HttpRequest, name: str, version: str,
-                         infer: Callable[[InferRequest], Awaitable[InferResponse]]) -> HttpResponse:
-    """The infer endpoint: decode (JSON or binary extension), `infer`, encode."""
-    header_length = request.headers.get(_HEADER_LENGTH)
-    hl: int | None = None
-    if header_length is not None:
-        if not header_length.isdigit():
-            raise InvalidArgument(f"Inference-Header-Content-Length must be an integer, got '{header_length}'")
-        hl = int(header_length)
-    infer_request = v2_json.decode_request(request.body, hl, name, version)
+                         infer: Callable[[InferRequest], Awaitable[InferResponse]], refused: Refused) -> HttpResponse:
+    """The infer endpoint: decode (JSON or binary extension), `infer`, encode. A body that does not
+    decode is judged after the model in the URL (`refused`): an unknown model is a 404 whatever the
+    body holds, as on Triton."""
+    try:
+        header_length = request.headers.get(_HEADER_LENGTH)
+        hl: int | None = None
+        if header_length is not None:
+            if not header_length.isdigit():
+                raise InvalidArgument(f"Inference-Header-Content-Length must be an integer, got '{header_length}'")
+            hl = int(header_length)
+        infer_request = v2_json.decode_request(request.body, hl, name, version)
+    except InvalidArgument as exc:
+        await refused(name, version, exc)
+        raise
     try:
         infer_response = await infer(infer_request)
     except DecoupledUnary:
@@ -316,7 +328,10 @@ class RestFrontend:
     # ---- model endpoints ---------------------------------------------------------------------
 
     async def _infer(self, request: HttpRequest, name: str, version: str = "") -> HttpResponse:
-        return await infer_endpoint(request, name, version, self.service.infer)
+        return await infer_endpoint(request, name, version, self.service.infer, self._refused)
+
+    async def _refused(self, name: str, version: str, exc: Exception) -> None:
+        self.service.refused(name, version, exc)
 
     # ---- the generate extension (codecs/generate.py) ---------------------------------------------
 
@@ -413,10 +428,11 @@ class ForwardingRestFrontend:
     checked here first (the scheduler checks forwarded requests again: their headers go along)."""
 
     def __init__(self, infer: Callable[[InferRequest], Awaitable[InferResponse]],
-                 forward: Callable[[HttpRequest], Awaitable[HttpResponse]],
+                 forward: Callable[[HttpRequest], Awaitable[HttpResponse]], refused: Refused,
                  policy: access.Policy | None = None) -> None:
         self.infer = infer
         self.forward = forward
+        self.refused = refused
         self.router = Router({"infer": self._infer}, self._forward, policy, default=self._forward)
 
     async def handle(self, request: HttpRequest) -> HttpResponse:
@@ -427,7 +443,7 @@ class ForwardingRestFrontend:
             return _error_response(exc)
 
     async def _infer(self, request: HttpRequest, name: str, version: str = "") -> HttpResponse:
-        return await infer_endpoint(request, name, version, self.infer)
+        return await infer_endpoint(request, name, version, self.infer, self.refused)
 
     async def _forward(self, request: HttpRequest, *captures: str) -> HttpResponse:
         return await self.forward(request)

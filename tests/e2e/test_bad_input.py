@@ -9,6 +9,7 @@ import struct
 import grpc
 import numpy as np
 import pytest
+from conftest import wait_until
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 GOOD = json.dumps({"inputs": [
@@ -173,3 +174,52 @@ def test_bad_grpc_request_then_good_one(server, case):
         assert e.value.code() == code and word in e.value.details(), e.value.details()
         ok = stub.ModelInfer(request())
         assert np.frombuffer(ok.raw_output_contents[0], dtype=np.int32)[0] == 1
+
+
+# ---- the model before the body (Triton's order), and refused bodies counted ----------------------
+
+UNDECODABLE = [b'{"inputs": []}', b"garbage", infer_body(inp(data=[1, 2]), I1)]
+
+
+def _failures(server, model: str) -> float:
+    for family in server.metrics().values():
+        for s in family.samples:
+            if s.name.startswith("nv_inference_request_failure") and s.labels.get("model") == model \
+                    and s.labels.get("reason") == "OTHER":
+                return s.value
+    return 0.0
+
+
+def _model_first(server) -> None:
+    for body in UNDECODABLE:
+        for path in ("/v2/models/nope/infer", "/v2/models/add_sub/versions/9/infer"):
+            status, _, got = server.request("POST", path, body)
+            assert status == 404, (path, body, got)
+            message = json.loads(got)["error"]
+            assert message.startswith("Request for unknown model: 'nope' is not found") if "nope" in path \
+                else "version 9" in message, message
+    before = _failures(server, "add_sub")
+    status, _, got = server.request("POST", "/v2/models/add_sub/infer", UNDECODABLE[2])
+    assert status == 400 and "INPUT0" in json.loads(got)["error"]
+    with grpc.insecure_channel(server.grpc_url) as ch:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(ch)
+        for model, code in (("nope", grpc.StatusCode.NOT_FOUND), ("add_sub", grpc.StatusCode.INVALID_ARGUMENT)):
+            with pytest.raises(grpc.RpcError) as e:
+                stub.ModelInfer(service_pb2.ModelInferRequest(model_name=model), timeout=30)  # no inputs
+            assert e.value.code() == code, e.value.details()
+            if model == "nope":
+                assert "Request for unknown model: 'nope' is not found" in e.value.details()
+        # the same on a stream: the refusal is that request's reply
+        replies = stub.ModelStreamInfer(iter([service_pb2.ModelInferRequest(model_name="nope")]), timeout=30)
+        assert "Request for unknown model: 'nope'" in next(iter(replies)).error_message
+    # HTTP's 400 and gRPC's INVALID_ARGUMENT, each counted against add_sub (the stream's was to nope)
+    wait_until(lambda: _failures(server, "add_sub") >= before + 2, timeout=30, what="the failures counted")
+    assert _failures(server, "add_sub") == before + 2
+
+
+def test_an_unknown_model_is_judged_before_the_body_and_refusals_are_counted(server):
+    _model_first(server)
+
+
+def test_the_same_through_frontend_workers(start_server, test_repo):
+    _model_first(start_server(test_repo, "--frontend-workers", "2"))
