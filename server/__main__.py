@@ -71,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="name reported by the server metadata endpoint (default 'triton', which Triton's "
                         "clients and examples expect; the version field says fuserve's version)")
     s.add_argument("--log-verbose", type=int, default=0, metavar="LEVEL", help="verbose logging when > 0")
+    for level in ("info", "warning", "error"):
+        s.add_argument(f"--log-{level}", type=_bool, default=True, metavar="BOOL",
+                       help=f"show {level} log records (default true)")
+    s.add_argument("--log-format", choices=("default", "ISO8601"), default="default",
+                   help="log timestamps: local time (default) or ISO8601 (UTC)")
     s.add_argument("--http-max-input-size", "--max-input-size", dest="max_input_size", type=int,
                    default=64 * 1024 * 1024, metavar="BYTES",
                    help="largest HTTP request body and gRPC message accepted (default 64 MiB)")
@@ -184,6 +189,10 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         exit_on_error=args.exit_on_error,
         exit_timeout_secs=args.exit_timeout_secs,
         log_verbose=args.log_verbose,
+        log_info=args.log_info,
+        log_warning=args.log_warning,
+        log_error=args.log_error,
+        log_format=args.log_format,
         server_name=args.server_name,
         max_input_size=args.max_input_size,
         http_max_request_line=args.http_max_request_line,

@@ -15,7 +15,7 @@ import logging
 import signal
 import socket
 
-from . import tls
+from . import log_settings, tls
 from .access import grpc_authorize
 from .backends.python import pb_utils
 from .config import ServerConfig
@@ -196,12 +196,8 @@ async def serve(config: ServerConfig) -> int:
 
 
 def run(config: ServerConfig) -> int:
-    logging.basicConfig(
-        level=logging.DEBUG if config.log_verbose > 0 else logging.INFO,
-        format="%(asctime)s %(levelname).1s %(name)s: %(message)s",
-    )
-    # at DEBUG, hpack logs every header it decodes, restricted-API values (server/access.py) included
-    logging.getLogger("hpack").setLevel(logging.INFO)
+    log_settings.configure(config.log_verbose, config.log_info, config.log_warning, config.log_error,
+                           config.log_format)
     try:
         import uvloop
 

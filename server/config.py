@@ -32,6 +32,10 @@ class ServerConfig:
     exit_on_error: bool = False
     exit_timeout_secs: float = 30.0
     log_verbose: int = 0
+    log_info: bool = True
+    log_warning: bool = True
+    log_error: bool = True
+    log_format: str = "default"  # or "ISO8601" (server/log_settings.py)
     # Reported in server metadata. "triton" by default: Triton's clients and examples check it.
     server_name: str = "triton"
     # Largest request body (HTTP) or message (gRPC) accepted, in bytes.

@@ -38,10 +38,10 @@ class _Call:
 
 
 # What the server metadata names: exactly the extensions served (Triton's names). Not named,
-# because not served: classification, system_shared_memory, cuda_shared_memory, trace, logging,
+# because not served: classification, system_shared_memory, cuda_shared_memory, trace,
 # model_repository(unload_dependents).
 EXTENSIONS = ("binary_tensor_data", "model_configuration", "model_repository", "parameters", "schedule_policy",
-              "sequence", "statistics", "generate")
+              "sequence", "statistics", "logging", "generate")
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 Each method converts the message in, calls the service, converts out. Errors from the tree in
 `server.errors` become the class's gRPC status code in `error_status` (and, on the stream, an
 `error_message` on that request's reply), nowhere else. The methods fuserve does not offer (shared
-memory, trace, logging) answer UNIMPLEMENTED naming the method. Restricted groups
+memory, trace) answer UNIMPLEMENTED naming the method. Restricted groups
 (--grpc-restricted-protocol, `server/access.py`) are checked before any of this, by the transport's
 `authorize` hook when the call opens (`access.grpc_authorize`, passed to GrpcServer in app.py and
 frontend_worker.py).
@@ -17,7 +17,7 @@ from typing import Any, cast
 
 from google.protobuf import json_format
 
-from .. import access
+from .. import access, log_settings
 from .._proto import grpc_service_pb2 as pb
 from ..codecs import v2_proto
 from ..context import CallContext
@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 SERVICE = access.GRPC_SERVICE_PREFIX  # "/inference.GRPCInferenceService/"
 _NOT_OFFERED = ("SystemSharedMemoryStatus", "SystemSharedMemoryRegister", "SystemSharedMemoryUnregister",
                 "CudaSharedMemoryStatus", "CudaSharedMemoryRegister", "CudaSharedMemoryUnregister",
-                "TraceSetting", "LogSettings")
+                "TraceSetting")
 
 
 def error_status(exc: BaseException) -> tuple[int, str]:
@@ -202,6 +202,7 @@ class GrpcFrontend:
             "RepositoryIndex": (pb.RepositoryIndexRequest, self.repository_index),
             "RepositoryModelLoad": (pb.RepositoryModelLoadRequest, self.repository_model_load),
             "RepositoryModelUnload": (pb.RepositoryModelUnloadRequest, self.repository_model_unload),
+            "LogSettings": (pb.LogSettingsRequest, self.log_settings),
         }
         methods = {SERVICE + name: Method(cls.FromString, call) for name, (cls, call) in handlers.items()}
         methods.update(GrpcInfer(self.service.infer, self.service.submit, self.service.stream,
@@ -245,6 +246,22 @@ class GrpcFrontend:
         index = pb.RepositoryIndexResponse.ModelIndex
         rows = self.service.repository_index(request.ready)
         return pb.RepositoryIndexResponse(models=[index(**row) for row in rows])
+
+    async def log_settings(self, request: pb.LogSettingsRequest, ctx: CallContext) -> pb.LogSettingsResponse:
+        """The log settings (server/log_settings.py): those the request names are changed first."""
+        changes = {}
+        for key, value in request.settings.items():
+            choice = value.WhichOneof("parameter_choice")
+            changes[key] = None if choice is None else getattr(value, choice)
+        reply = pb.LogSettingsResponse()
+        for key, now in log_settings.update(changes).items():
+            if type(now) is bool:
+                reply.settings[key].bool_param = now
+            elif type(now) is int:
+                reply.settings[key].uint32_param = now
+            else:
+                reply.settings[key].string_param = now
+        return reply
 
     async def repository_model_load(self, request: pb.RepositoryModelLoadRequest,
             ctx: CallContext) -> pb.RepositoryModelLoadResponse:

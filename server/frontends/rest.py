@@ -18,7 +18,7 @@ from urllib.parse import unquote
 import numpy as np
 import orjson
 
-from .. import access
+from .. import access, log_settings
 from ..codecs import generate, v2_json
 from ..errors import DecoupledUnary, InvalidArgument, NotFound, ServerError, Unsupported, as_server_error
 from ..model_config import config_to_json
@@ -96,9 +96,9 @@ class Route:
     """One REST endpoint and the group (`server/access.py`) that `--http-restricted-api` names it by.
 
     `path` has a segment per '/', '{name}' capturing one segment (the captures go to the handler in
-    order). `method` and `handler` say how fuserve serves it; both None for an endpoint Triton has and
-    fuserve does not serve yet: its group is still checked, then it is answered as any unknown
-    endpoint (404)."""
+    order). `method` (or methods, space-separated) and `handler` say how fuserve serves it; both
+    None for an endpoint Triton has and fuserve does not serve yet: its group is still checked,
+    then it is answered as any unknown endpoint (404)."""
 
     path: str
     group: str
@@ -141,7 +141,7 @@ ROUTES: tuple[Route, ...] = (
     *_model_routes("/generate_stream", access.INFERENCE, "POST", "generate_stream"),
     Route("/v2/models/{model}/trace/setting", access.TRACE),
     Route("/v2/trace/setting", access.TRACE),
-    Route("/v2/logging", access.LOGGING),
+    Route("/v2/logging", access.LOGGING, "GET POST", "logging"),
     *_shared_memory_routes("systemsharedmemory"),
     *_shared_memory_routes("cudasharedmemory"),
     Route("/v2/repository/index", access.MODEL_REPOSITORY, "POST", "repository_index"),
@@ -162,12 +162,12 @@ class _Bound:
     """A route as one frontend serves it: its group's check (None: open), its handler, and how to
     read it off a path's segments."""
 
-    __slots__ = ("route", "check", "method", "handler", "literals", "pick_literals", "pick_captures")
+    __slots__ = ("route", "check", "methods", "handler", "literals", "pick_literals", "pick_captures")
 
     def __init__(self, route: Route, check: access.Check | None, handler: Handler | None) -> None:
         self.route = route
         self.check = check
-        self.method = route.method
+        self.methods = tuple(route.method.split()) if route.method else ()
         self.handler = handler
         segments = route.segments
         fixed = [i for i, s in enumerate(segments) if s is not None]  # at least the first two
@@ -232,7 +232,7 @@ class Router:
         bound, captures = hit
         if bound.check is not None:
             bound.check(request.headers)
-        if bound.method != request.method:
+        if request.method not in bound.methods:
             return self.fallback, ()
         return bound.handler, captures  # type: ignore[return-value]  # a served method has a handler
 
@@ -292,6 +292,7 @@ class RestFrontend:
             "server_live": self._server_live,
             "server_ready": self._server_ready,
             "statistics": self._statistics,
+            "logging": self._logging,
             "model_metadata": self._metadata,
             "model_ready": self._ready,
             "model_config": self._config,
@@ -321,6 +322,15 @@ class RestFrontend:
 
     async def _server_ready(self, request: HttpRequest) -> HttpResponse:
         return _OK_EMPTY if self.service.server_ready() else _NOT_READY
+
+    async def _logging(self, request: HttpRequest) -> HttpResponse:
+        """GET: the log settings; POST: change those the JSON object names, then the settings."""
+        if request.method == "GET":
+            return _json(log_settings.current())
+        changes = v2_json.loads(request.body, "log settings request") if request.body.strip() else {}
+        if type(changes) is not dict:
+            raise InvalidArgument("the log settings request must be a JSON object")
+        return _json(log_settings.update(changes))
 
     async def _statistics(self, request: HttpRequest) -> HttpResponse:
         return _json(self.service.statistics())

@@ -246,11 +246,11 @@ def resolve(router: Router, method: str, path: str, headers: dict[str, str] | No
 def test_every_route_is_reached_by_its_own_path():
     router, seen = _router(None)
     for route in ROUTES:
-        bound, captures = router.match(HttpRequest(route.method or "GET", example_path(route), {}, b""))
+        bound, captures = router.match(HttpRequest((route.method or "GET").split()[0], example_path(route), {}, b""))
         assert bound.route is route, route.path
         assert len(captures) == route.path.count("{")
         seen.clear()
-        resolve(router, route.method or "POST", example_path(route))
+        resolve(router, (route.method or "POST").split()[0], example_path(route))
         assert seen == [(route.handler or "fallback", captures if route.handler else ())]
     bound, captures = router.match(HttpRequest("GET", "/v2/models/a%2Fb/versions/2/stats", {}, b""))
     assert bound.route.path == "/v2/models/{model}/versions/{version}/stats" and captures == ("a/b", "2")
