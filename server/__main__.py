@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="address the metrics endpoint binds to (default 127.0.0.1)")
     s.add_argument("--allow-metrics", type=_bool, default=True, metavar="BOOL",
                    help="serve Prometheus metrics on --metrics-port at /metrics (default true)")
+    s.add_argument("--allow-client-shm", type=_bool, default=False, metavar="BOOL",
+                   help="let clients register system shared memory regions for inputs and outputs "
+                        "(default false, as in Triton 2.69)")
     s.add_argument("--allow-cpu-metrics", type=_bool, default=True, metavar="BOOL",
                    help="export host CPU utilization and memory gauges (default true)")
     s.add_argument("--allow-gpu-metrics", type=_bool, default=True, metavar="BOOL",
@@ -181,6 +184,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         allow_metrics=args.allow_metrics,
         allow_cpu_metrics=args.allow_cpu_metrics,
         allow_gpu_metrics=args.allow_gpu_metrics,
+        allow_client_shm=args.allow_client_shm,
         metrics_address=args.metrics_address,
         metrics_interval_ms=args.metrics_interval_ms,
         model_control_mode=args.model_control_mode,

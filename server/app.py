@@ -30,6 +30,7 @@ from .http2.connection import Limits as H2Limits
 from .metrics import MetricsPoller, ServerMetrics
 from .repository import Repository
 from .service import InferenceService
+from .shared_memory import SharedMemory
 from .workers import WorkerEndpoint, WorkerPool, reuseport_socket
 
 log = logging.getLogger("fuserve")
@@ -99,8 +100,11 @@ async def serve(config: ServerConfig) -> int:
     repository = Repository(config.model_repositories, default_max_batch_size=config.default_max_batch_size,
                             auto_complete=not config.disable_auto_complete_config,
                             histograms=config.allow_metrics)
+    # Client regions are mapped in this process, where the models read and write them; frontend
+    # workers pass the references on untouched (docs/protocol.md, "Shared memory")
     service = InferenceService(repository, model_control_mode=config.model_control_mode,
-                               server_name=config.server_name)
+                               server_name=config.server_name,
+                               shared_memory=SharedMemory(config.allow_client_shm))
     # Python models' BLS calls (pb_utils.InferenceRequest.exec) are answered by this service
     pb_utils.set_bridge(Bridge(service, asyncio.get_running_loop()))
 
@@ -191,6 +195,7 @@ async def serve(config: ServerConfig) -> int:
             await server.stop()
     with contextlib.suppress(asyncio.TimeoutError):
         await asyncio.wait_for(repository.close(), 5.0)
+    service.shared_memory.close()
     log.info("fuserve stopped")
     return 0
 

@@ -24,6 +24,7 @@ class ServerConfig:
     allow_metrics: bool = True
     allow_cpu_metrics: bool = True
     allow_gpu_metrics: bool = True
+    allow_client_shm: bool = False  # clients may register shared memory regions (server/shared_memory.py)
     metrics_address: str = "127.0.0.1"
     metrics_interval_ms: int = 2000
     model_control_mode: str = "none"

@@ -42,6 +42,11 @@ class NotFound(ServerError):
     grpc_code = grpc.StatusCode.NOT_FOUND
 
 
+class AlreadyExists(ServerError):
+    http_status = 400
+    grpc_code = grpc.StatusCode.ALREADY_EXISTS
+
+
 class Unavailable(ServerError):
     http_status = 503
     grpc_code = grpc.StatusCode.UNAVAILABLE

@@ -24,6 +24,15 @@ from .backends.base import Instance
 T = TypeVar("T")
 
 
+def _run_job(loop: asyncio.AbstractEventLoop, future: asyncio.Future, fn: Callable[..., Any], args: tuple) -> None:
+    try:
+        result, error = fn(*args), None
+    except BaseException as exc:
+        result, error = None, exc
+    with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits for the answer
+        loop.call_soon_threadsafe(settle, future, result, error)
+
+
 class InstancePool:
     def __init__(self, name: str, instances: Sequence[Instance]) -> None:
         self._instances = list(instances)
@@ -83,13 +92,8 @@ class InstancePool:
 
     def _work(self) -> None:
         while (job := self._jobs.get()) is not None:
-            loop, future, fn, args = job
-            try:
-                result, error = fn(*args), None
-            except BaseException as exc:
-                result, error = None, exc
-            with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits for the answer
-                loop.call_soon_threadsafe(settle, future, result, error)
+            _run_job(*job)
+            del job  # the job's inputs (a client's shared memory, perhaps) are not kept while waiting for the next
 
     async def close(self) -> None:
         """Wait for executions in flight, then release the instances."""

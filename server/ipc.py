@@ -36,7 +36,7 @@ import numpy as np
 
 from . import dtypes, errors
 from .framing import Reassembly
-from .types import InferRequest, InferResponse, RequestedOutput, Tensor
+from .types import IN_REGION, InferRequest, InferResponse, RegionRef, RequestedOutput, Tensor
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +46,21 @@ STREAM_WINDOW = 16  # parts of one streamed answer in flight on the link
 CREDIT_BATCH = 4  # the worker returns credit this many parts at a time
 
 
+def _pack_region(ref: RegionRef | None) -> tuple | None:
+    return None if ref is None else (ref.name, ref.offset, ref.byte_size)
+
+
 def _pack_tensor(t: Tensor) -> tuple:
+    if t.region is not None:  # its data is in shared memory, which the scheduler process maps
+        return t.name, t.datatype, t.shape, None, t.parameters or None, _pack_region(t.region)
     data: Any = t.data.ravel().tolist() if t.datatype == "BYTES" else t.data.tobytes()
     return t.name, t.datatype, t.shape, data, t.parameters or None
 
 
 def _unpack_tensor(p: tuple) -> Tensor:
+    if len(p) == 6:
+        name, datatype, shape, _, params, region = p
+        return Tensor(name, datatype, tuple(shape), IN_REGION, params or {}, RegionRef(*region))
     name, datatype, shape, data, params = p
     if datatype == "BYTES":
         array = np.empty(len(data), dtype=object)
@@ -63,13 +72,13 @@ def _unpack_tensor(p: tuple) -> Tensor:
 
 def pack_request(r: InferRequest) -> tuple:
     return (r.model_name, r.model_version, r.id, r.parameters or None, [_pack_tensor(t) for t in r.inputs],
-            [(o.name, o.binary, o.parameters or None) for o in r.outputs])
+            [(o.name, o.binary, o.parameters or None, _pack_region(o.region)) for o in r.outputs], r.shared_memory)
 
 
 def unpack_request(p: tuple) -> InferRequest:
-    name, version, rid, params, inputs, outputs = p
-    return InferRequest(name, version, [_unpack_tensor(t) for t in inputs],
-                        [RequestedOutput(n, b, op or {}) for n, b, op in outputs], rid, params or {})
+    name, version, rid, params, inputs, outputs, shared = p
+    wanted = [RequestedOutput(n, b, op or {}, RegionRef(*reg) if reg else None) for n, b, op, reg in outputs]
+    return InferRequest(name, version, [_unpack_tensor(t) for t in inputs], wanted, rid, params or {}, shared)
 
 
 def pack_response(r: InferResponse) -> tuple:

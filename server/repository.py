@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from . import model_files
 from .backends.base import BackendFactory
 from .backends.registry import get_backend
 from .errors import InvalidArgument, ModelLoadError, NotFound
@@ -100,6 +101,7 @@ class ModelEntry:
     latest: ModelVersion | None = None
     fingerprint: tuple = ()
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    files: Path | None = None  # the directory of files a load request sent (model_files.py), while serving
 
 
 @dataclass(eq=False)
@@ -340,17 +342,32 @@ class Repository:
             raise ModelLoadError("ensembles need the inference service (Repository.run_step is unset)")
         return self.run_step(*args)
 
-    async def load(self, name: str, config_override: str | None = None) -> None:
+    async def load(self, name: str, config_override: str | None = None, files: Path | None = None) -> None:
         """Load (or reload) `name` from disk; raise with the reason on failure.
 
         `config_override` is a ModelConfig in JSON that replaces config.pbtxt (Triton's `config`
-        load parameter); auto-complete still fills in what it leaves out. An ensemble's step models
-        that are not loaded are loaded first, as Triton does.
+        load parameter); auto-complete still fills in what it leaves out. `files`: a directory of
+        files the load request sent (model_files.py), which is then the model's directory, whether
+        or not the repository has the model; it is removed when the model is unloaded or replaced,
+        or now if the load fails. An ensemble's step models that are not loaded are loaded first,
+        as Triton does.
         """
+        if files is not None:
+            try:
+                await self._load(name, files, config_override, files)
+            except BaseException:
+                model_files.remove(files)
+                raise
+            return
         try:
             model_dir = self.model_dir(name)
         except NotFound:
             raise NotFound(f"failed to load model '{name}': it is not in the model repository") from None
+        await self._load(name, model_dir, config_override, None)
+
+    async def _load(self, name: str, model_dir: Path, config_override: str | None, files: Path | None) -> None:
+        if not _valid_name(name):
+            raise InvalidArgument(f"invalid model name '{name}'")
         for dependency in await asyncio.to_thread(self.ensemble_dependencies, name, config_override):
             entry = self._models.get(dependency)
             if dependency != name and dependency not in self._loading and (entry is None or not entry.versions):
@@ -378,14 +395,15 @@ class Repository:
                 log.error("failed to load model '%s': %s", name, reason)
                 raise ModelLoadError(f"failed to load model '{name}': {reason}") from exc
             versions = {v: self._version(name, v, b) for v, b in built.items()}
-            old = entry.versions
+            old, old_files = entry.versions, entry.files
             entry.versions, entry.latest = versions, versions[max(versions)]
-            entry.state, entry.reason, entry.fingerprint = READY, "", fingerprint
+            entry.state, entry.reason, entry.fingerprint, entry.files = READY, "", fingerprint, files
             for v, mv in sorted(versions.items()):
                 where_runs = ", ".join(sorted(set(mv.pool.devices))) if mv.pool is not None else "its steps' models"
                 log.info("loaded model '%s' version %d on %s in %.2fs", name, v, where_runs, mv.load_seconds)
         for mv in old.values():
             await mv.close()
+        model_files.remove(old_files)
 
     async def unload(self, name: str) -> None:
         if not _valid_name(name):
@@ -396,11 +414,12 @@ class Repository:
                 self.model_dir(name)  # NotFound for a name that is nowhere
             return
         async with entry.lock:
-            old = entry.versions
-            entry.versions, entry.latest = {}, None
+            old, old_files = entry.versions, entry.files
+            entry.versions, entry.latest, entry.files = {}, None, None
             entry.state, entry.reason = UNAVAILABLE, "unloaded"
         for mv in old.values():
             await mv.close()
+        model_files.remove(old_files)
         log.info("unloaded model '%s'", name)
 
     async def load_many(self, names: list[str]) -> dict[str, str]:

@@ -16,14 +16,24 @@ from typing import NoReturn, cast
 
 import numpy as np
 
-from . import __version__
-from .errors import BackendError, DecoupledUnary, InvalidArgument, Rejected, Unavailable, Unsupported
+from . import __version__, model_files
+from .errors import (
+    BackendError,
+    DecoupledUnary,
+    InvalidArgument,
+    Rejected,
+    ServerError,
+    Unavailable,
+    Unsupported,
+    with_prefix,
+)
 from .model_config import ModelConfig, ModelSpec, TensorSpec
 from .repository import ModelVersion, Repository
 from .scheduler import Outcome, Work
 from .scheduler.lending import Runner
+from .shared_memory import Lease, SharedMemory
 from .sink import ResponseSink
-from .types import InferRequest, InferResponse, Parameters, Responses, Tensor
+from .types import IN_REGION, InferRequest, InferResponse, Parameters, Responses, Tensor
 
 
 @dataclass(slots=True)
@@ -35,13 +45,18 @@ class _Call:
     rows: int
     start: int  # perf_counter_ns
     prepared: int
+    lease: Lease | None = None  # the shared memory regions the request holds
+
+
+def _release(call: _Call | None) -> None:
+    if call is not None and call.lease is not None:
+        call.lease.release()
 
 
 # What the server metadata names: exactly the extensions served (Triton's names). Not named,
-# because not served: classification, system_shared_memory, cuda_shared_memory, trace,
-# model_repository(unload_dependents).
+# because not served: classification, cuda_shared_memory, trace, model_repository(unload_dependents).
 EXTENSIONS = ("binary_tensor_data", "model_configuration", "model_repository", "parameters", "schedule_policy",
-              "sequence", "statistics", "logging", "generate")
+              "sequence", "statistics", "logging", "system_shared_memory", "generate")
 
 
 @dataclass(frozen=True)
@@ -131,9 +146,14 @@ def _check_missing(spec: ModelSpec, feeds: dict[str, np.ndarray]) -> None:
 
 
 def _response(mv: ModelVersion, request: InferRequest, names: Sequence[str],
-              outputs: dict[str, np.ndarray]) -> InferResponse:
+              outputs: dict[str, np.ndarray], lease: Lease | None) -> InferResponse:
     index = mv.spec.output_index
     tensors = [Tensor(name, index[name].datatype, (arr := outputs[name]).shape, arr) for name in names]
+    if lease is not None and lease.outputs:
+        for t in tensors:
+            if lease.write(t):  # written into the client's region: only its name, datatype and shape go back
+                t.data = IN_REGION
+                t.region = next(o.region for o in request.outputs if o.name == t.name)
     return InferResponse(model_name=mv.spec.name, model_version=str(mv.version), outputs=tensors, id=request.id)
 
 
@@ -201,8 +221,9 @@ def _sequence_parameters(work: Work, parameters: Parameters) -> None:
 
 class InferenceService:
     def __init__(self, repository: Repository, *, model_control_mode: str = "none",
-                 server_name: str = "triton") -> None:
+                 server_name: str = "triton", shared_memory: SharedMemory | None = None) -> None:
         self.repository = repository
+        self.shared_memory = shared_memory or SharedMemory(allowed=False)
         self.server_name = server_name
         self.model_control_mode = model_control_mode
         self.live = True
@@ -273,6 +294,7 @@ class InferenceService:
         start = time.perf_counter_ns()
         self._in_flight += 1
         self._idle.clear()
+        call = None
         try:
             call = self._prepare(mv, request, start)
             call.work.runner = runner
@@ -281,6 +303,7 @@ class InferenceService:
             _failed(mv, start, exc)
             raise
         finally:
+            _release(call)
             self._leave()
 
     async def run_step(self, model: str, version: str, feeds: dict[str, np.ndarray], outputs: tuple[str, ...],
@@ -337,7 +360,11 @@ class InferenceService:
         self._idle.clear()
         sink = ResponseSink(asyncio.get_running_loop())
         pending = None
+        call = None
         try:
+            if any(o.region is not None for o in request.outputs):
+                raise InvalidArgument(f"model '{mv.spec.name}' is decoupled: its outputs cannot be written to "
+                                      f"shared memory, since each of its responses would overwrite the last")
             call = self._prepare(mv, request, start)
             call.work.respond, call.work.is_cancelled = sink.respond, sink.cancelled
             call.work.runner = runner
@@ -372,6 +399,7 @@ class InferenceService:
             sink.close()
             if pending is not None and not pending.future.done():
                 mv.scheduler.withdraw(pending)
+            _release(call)
             self._leave()
 
     def submit(self, request: InferRequest,
@@ -382,29 +410,37 @@ class InferenceService:
         from the event loop when it is answered. Returns the function that cancels it."""
         mv = _unary(self._admit(request))
         start = time.perf_counter_ns()
+        call = None
         try:
             call = self._prepare(mv, request, start)
             pending = mv.scheduler.enqueue(call.work)
         except Exception as exc:
+            _release(call)
             _failed(mv, start, exc)
             raise
         self._in_flight += 1
         self._idle.clear()
 
+        lease = call.lease
+
         def done(future: asyncio.Future) -> None:
             self._leave()
-            if future.cancelled():
-                mv.stats.record_failure(time.perf_counter_ns() - start, "CANCELED")
-                return
-            exc = future.exception()
-            if exc is None:
-                try:
-                    reply(self._complete(mv, request, call, future.result()), None)
+            try:
+                if future.cancelled():
+                    mv.stats.record_failure(time.perf_counter_ns() - start, "CANCELED")
                     return
-                except Exception as err:
-                    exc = err
-            _failed(mv, start, cast(BaseException, exc))
-            reply(None, exc)
+                exc = future.exception()
+                if exc is None:
+                    try:
+                        reply(self._complete(mv, request, call, future.result()), None)
+                        return
+                    except Exception as err:
+                        exc = err
+                _failed(mv, start, cast(BaseException, exc))
+                reply(None, exc)
+            finally:
+                if lease is not None:
+                    lease.release()
 
         pending.future.add_done_callback(done)
         return lambda: mv.scheduler.withdraw(pending)
@@ -420,6 +456,18 @@ class InferenceService:
             self._idle.set()
 
     def _prepare(self, mv: ModelVersion, request: InferRequest, start: int) -> _Call:
+        """The request checked against its model, as the Work its scheduler takes. A request that
+        names shared memory regions holds them from here (the call's lease) until it is answered."""
+        if not request.shared_memory:
+            return self._checked(mv, request, start, None)
+        lease = self.shared_memory.lease(request)
+        try:
+            return self._checked(mv, request, start, lease)
+        except BaseException:
+            lease.release()
+            raise
+
+    def _checked(self, mv: ModelVersion, request: InferRequest, start: int, lease: Lease | None) -> _Call:
         spec = mv.spec
         feeds = _check_inputs(spec, request)
         if mv.check_inputs is not None:
@@ -443,11 +491,11 @@ class InferenceService:
             work.parameters = _own_parameters(request.parameters)
             if "sequence_id" in request.parameters:
                 _sequence_parameters(work, request.parameters)
-        return _Call(work, names, rows, start, time.perf_counter_ns())
+        return _Call(work, names, rows, start, time.perf_counter_ns(), lease)
 
     def _complete(self, mv: ModelVersion, request: InferRequest, call: _Call, outcome: Outcome) -> InferResponse:
         collected = time.perf_counter_ns()
-        response = _response(mv, request, call.names, outcome.outputs)
+        response = _response(mv, request, call.names, outcome.outputs, call.lease)
         self._record(mv, call, outcome, collected)
         return response
 
@@ -488,17 +536,31 @@ class InferenceService:
                               f"--model-control-mode={self.model_control_mode}; use explicit mode")
 
     async def load_model(self, name: str, parameters: dict | None = None) -> None:
-        """Load or reload a model. Parameters: `config` (a ModelConfig in JSON replacing config.pbtxt)."""
+        """Load or reload a model. Parameters: `config` (a ModelConfig in JSON replacing
+        config.pbtxt) and `file:<relative path>` entries (the model's files, bytes or base64; with
+        them `config` is required and the files, in a private directory of their own, are the
+        model's directory: server/model_files.py)."""
         self._check_explicit("load")
         parameters = parameters or {}
-        unknown = set(parameters) - {"config"}
+        files = model_files.file_parameters(parameters)
+        unknown = set(parameters) - {"config"} - {model_files.PREFIX + path for path in files}
         if unknown:
             raise Unsupported(f"unsupported load parameter(s): {', '.join(sorted(unknown))} "
-                              f"(fuserve supports 'config'; file overrides are not supported)")
+                              f"(fuserve supports 'config' and 'file:<path>')")
         override = parameters.get("config")
         if override is not None and not isinstance(override, str):
             raise InvalidArgument("the load parameter 'config' must be a JSON string")
-        await self.repository.load(name, override)
+        if files and override is None:
+            raise InvalidArgument(f"failed to load '{name}': a load request with 'file:' parameters must also "
+                                  f"give the model's 'config'")
+        if not files:
+            await self.repository.load(name, override)
+            return
+        try:
+            folder = await asyncio.to_thread(model_files.write, files)
+        except ServerError as exc:
+            raise with_prefix(exc, f"failed to load '{name}': ") from None
+        await self.repository.load(name, override, folder)
 
     async def unload_model(self, name: str) -> None:
         self._check_explicit("unload")

@@ -16,13 +16,29 @@ import numpy as np
 Parameters = dict[str, Any]
 
 
+@dataclass(frozen=True, slots=True)
+class RegionRef:
+    """Where a tensor lies in a registered shared memory region (server/shared_memory.py): the
+    region's name, and an offset and a byte size within it, as the client gave them (unchecked)."""
+
+    name: str
+    offset: Any
+    byte_size: Any
+
+
+# The data of an input that is still in shared memory (its `region` says where), or of an output
+# that was written into it: the wire then carries only its name, datatype and shape.
+IN_REGION = np.empty(0, dtype=np.uint8)
+
+
 @dataclass(slots=True)
 class Tensor:
     name: str
     datatype: str  # V2 name, e.g. "FP32"
     shape: tuple[int, ...]
-    data: np.ndarray  # already reshaped to `shape`
+    data: np.ndarray  # already reshaped to `shape`; IN_REGION while `region` is set and unread
     parameters: Parameters = field(default_factory=dict)
+    region: RegionRef | None = None  # an input read from, or an output written to, shared memory
 
 
 @dataclass(slots=True)
@@ -31,6 +47,7 @@ class RequestedOutput:
     # HTTP only: True/False when the client asked for binary_data on this output, None otherwise.
     binary: bool | None = None
     parameters: Parameters = field(default_factory=dict)
+    region: RegionRef | None = None  # where to write it: a shared memory region
 
 
 @dataclass(slots=True)
@@ -41,6 +58,7 @@ class InferRequest:
     outputs: list[RequestedOutput]  # empty: every output of the model
     id: str = ""
     parameters: Parameters = field(default_factory=dict)
+    shared_memory: bool = False  # some input or requested output has a `region`
 
 
 @dataclass(slots=True)

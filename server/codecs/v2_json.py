@@ -16,8 +16,8 @@ import orjson
 
 from .. import dtypes
 from ..errors import InvalidArgument
-from ..types import InferRequest, InferResponse, RequestedOutput, Tensor
-from . import raw
+from ..types import IN_REGION, InferRequest, InferResponse, RequestedOutput, Tensor
+from . import raw, regions
 
 _JSON_OPTS = orjson.OPT_SERIALIZE_NUMPY
 
@@ -87,6 +87,7 @@ def decode_request(body: bytes, header_length: int | None, model_name: str, mode
         raise InvalidArgument("the request must have a non-empty 'inputs' list")
     offset = 0
     inputs = []
+    shared = False
     for item in raw_inputs:
         if type(item) is not dict:
             raise InvalidArgument("each input must be a JSON object with a 'name' string")
@@ -99,6 +100,14 @@ def decode_request(body: bytes, header_length: int | None, model_name: str, mode
         shape = raw.check_shape(name, item.get("shape"))
         in_params = _parameters(item, f"input '{name}'") if "parameters" in item else {}
         size = in_params.get("binary_data_size") if in_params else None
+        region = regions.region_ref("input", name, in_params) if in_params else None
+        if region is not None:
+            if size is not None or "data" in item:
+                raise InvalidArgument(f"input '{name}' must set only one of 'data', 'binary_data_size' in "
+                                      f"'parameters' and 'shared_memory_region' in 'parameters'")
+            inputs.append(Tensor(name, datatype, shape, IN_REGION, in_params, region))
+            shared = True
+            continue
         if size is not None:
             if type(size) is not int or size < 0:
                 raise InvalidArgument(f"input '{name}': binary_data_size must be a non-negative integer")
@@ -123,9 +132,14 @@ def decode_request(body: bytes, header_length: int | None, model_name: str, mode
             raise InvalidArgument("each requested output must be a JSON object with a 'name' string")
         o_params = _parameters(item, f"output '{item['name']}'") if "parameters" in item else {}
         want_binary = o_params.get("binary_data")
+        region = regions.region_ref("output", item["name"], o_params) if o_params else None
+        if region is not None:
+            if want_binary:
+                raise InvalidArgument("Output can't set both 'shared_memory_region' and 'binary_data'")
+            shared = True
         outputs.append(RequestedOutput(item["name"], bool(want_binary) if want_binary is not None else None,
-                                       o_params))
-    return InferRequest(model_name, model_version, inputs, outputs, request_id, params)
+                                       o_params, region))
+    return InferRequest(model_name, model_version, inputs, outputs, request_id, params, shared)
 
 
 def _json_values(t: Tensor) -> Any:
@@ -150,7 +164,9 @@ def encode_response(response: InferResponse, request: InferRequest) -> tuple[byt
     for t in response.outputs:
         want = wants.get(t.name)
         entry: dict[str, Any] = {"name": t.name, "datatype": t.datatype, "shape": list(t.shape)}
-        if want if want is not None else default_binary:
+        if t.region is not None:
+            pass  # written into the client's shared memory: the name, datatype and shape say it all
+        elif want if want is not None else default_binary:
             blob = raw.encode(t.data)
             chunks.append(blob)
             entry["parameters"] = {"binary_data_size": len(blob)}

@@ -14,8 +14,8 @@ import numpy as np
 from .. import dtypes
 from .._proto import grpc_service_pb2 as pb
 from ..errors import InvalidArgument
-from ..types import InferRequest, InferResponse, RequestedOutput, Tensor
-from . import raw
+from ..types import IN_REGION, InferRequest, InferResponse, RequestedOutput, Tensor
+from . import raw, regions
 
 _BY_V2 = dtypes.BY_V2
 
@@ -74,16 +74,16 @@ def _typed(name: str, datatype: str, shape: tuple[int, ...], contents: Any) -> n
 
 def decode_request(msg: pb.ModelInferRequest) -> InferRequest:
     """Every field is read once: on upb messages each attribute access builds a Python object, and
-    on a small request these reads are most of what decoding costs."""
+    on a small request these reads are most of what decoding costs. An input in shared memory has
+    no entry in raw_input_contents (Triton's layout): the entries are the other inputs', in order."""
     raws = msg.raw_input_contents
     tensors = msg.inputs
-    if raws and len(raws) != len(tensors):
-        raise InvalidArgument(f"raw_input_contents has {len(raws)} entries but the request has "
-                              f"{len(tensors)} inputs")
     if not tensors:
         raise InvalidArgument("the request has no inputs")
     inputs = []
-    for i, t in enumerate(tensors):
+    shared = False
+    taken = 0
+    for t in tensors:
         name, datatype = t.name, t.datatype
         dt = _BY_V2.get(datatype)
         if dt is None:
@@ -91,23 +91,44 @@ def decode_request(msg: pb.ModelInferRequest) -> InferRequest:
         shape = tuple(t.shape)
         if len(shape) > 32 or (shape and min(shape) < 0):
             raw.check_shape(name, shape)  # raises, naming what is wrong
+        params = t.parameters
+        in_params = parameters_from_proto(params) if params else {}
+        region = regions.region_ref("input", name, in_params) if in_params else None
+        if region is not None:
+            if t.HasField("contents"):
+                raise InvalidArgument(f"unexpected 'content' provided when using shared memory for input tensor "
+                                      f"'{name}' for model '{msg.model_name}'")
+            inputs.append(Tensor(name, datatype, shape, IN_REGION, in_params, region))
+            shared = True
+            continue
         if not raws:
             data = _typed(name, datatype, shape, t.contents)
+        elif taken >= len(raws):
+            raise InvalidArgument(f"unable to find data for input tensor '{name}' for model '{msg.model_name}' "
+                                  f"in request")
         elif dt is dtypes.BYTES:
-            data = raw.decode(name, datatype, shape, raws[i])
+            data = raw.decode(name, datatype, shape, raws[taken])
+            taken += 1
         else:
-            buf = raws[i]
+            buf = raws[taken]
+            taken += 1
             if raw.element_count(shape) * dt.itemsize != len(buf):
                 raw.decode(name, datatype, shape, buf)  # raises, naming the sizes
             data = np.frombuffer(buf, dt.numpy).reshape(shape)
-        params = t.parameters
-        inputs.append(Tensor(name, datatype, shape, data, parameters_from_proto(params) if params else {}))
+        inputs.append(Tensor(name, datatype, shape, data, in_params))
+    if raws and taken != len(raws):
+        raise InvalidArgument(f"raw_input_contents has {len(raws)} entries but the request has {taken} inputs "
+                              f"that are not in shared memory")
     wanted = msg.outputs
-    outputs = [RequestedOutput(o.name, None, parameters_from_proto(o.parameters) if o.parameters else {})
-               for o in wanted] if wanted else []
+    outputs = []
+    for o in wanted:
+        o_params = parameters_from_proto(o.parameters) if o.parameters else {}
+        region = regions.region_ref("output", o.name, o_params) if o_params else None
+        shared = shared or region is not None
+        outputs.append(RequestedOutput(o.name, None, o_params, region))
     params = msg.parameters
     return InferRequest(msg.model_name, msg.model_version, inputs, outputs, msg.id,
-                        parameters_from_proto(params) if params else {})
+                        parameters_from_proto(params) if params else {}, shared)
 
 
 class Serialized(bytes):
@@ -212,7 +233,8 @@ def encode_response(response: InferResponse) -> pb.ModelInferResponse:
                                 id=response.id)
     for t in response.outputs:
         msg.outputs.add(name=t.name, datatype=t.datatype, shape=t.shape)
-        msg.raw_output_contents.append(raw.encode(t.data))
+        # an output written into shared memory keeps an empty entry, so the indexes stay aligned
+        msg.raw_output_contents.append(raw.encode(t.data) if t.region is None else b"")
     if response.parameters:
         parameters_to_proto(response.parameters, msg.parameters)
     return msg

@@ -2,8 +2,8 @@
 
 Each method converts the message in, calls the service, converts out. Errors from the tree in
 `server.errors` become the class's gRPC status code in `error_status` (and, on the stream, an
-`error_message` on that request's reply), nowhere else. The methods fuserve does not offer (shared
-memory, trace) answer UNIMPLEMENTED naming the method. Restricted groups
+`error_message` on that request's reply), nowhere else. The methods fuserve does not offer (trace)
+answer UNIMPLEMENTED naming the method. Restricted groups
 (--grpc-restricted-protocol, `server/access.py`) are checked before any of this, by the transport's
 `authorize` hook when the call opens (`access.grpc_authorize`, passed to GrpcServer in app.py and
 frontend_worker.py).
@@ -29,9 +29,7 @@ from .grpc_server import Method, Reply
 log = logging.getLogger(__name__)
 
 SERVICE = access.GRPC_SERVICE_PREFIX  # "/inference.GRPCInferenceService/"
-_NOT_OFFERED = ("SystemSharedMemoryStatus", "SystemSharedMemoryRegister", "SystemSharedMemoryUnregister",
-                "CudaSharedMemoryStatus", "CudaSharedMemoryRegister", "CudaSharedMemoryUnregister",
-                "TraceSetting")
+_NOT_OFFERED = ("TraceSetting",)
 
 
 def error_status(exc: BaseException) -> tuple[int, str]:
@@ -203,6 +201,12 @@ class GrpcFrontend:
             "RepositoryModelLoad": (pb.RepositoryModelLoadRequest, self.repository_model_load),
             "RepositoryModelUnload": (pb.RepositoryModelUnloadRequest, self.repository_model_unload),
             "LogSettings": (pb.LogSettingsRequest, self.log_settings),
+            "SystemSharedMemoryStatus": (pb.SystemSharedMemoryStatusRequest, self.shm_status),
+            "SystemSharedMemoryRegister": (pb.SystemSharedMemoryRegisterRequest, self.shm_register),
+            "SystemSharedMemoryUnregister": (pb.SystemSharedMemoryUnregisterRequest, self.shm_unregister),
+            "CudaSharedMemoryStatus": (pb.CudaSharedMemoryStatusRequest, self.cuda_shm_status),
+            "CudaSharedMemoryRegister": (pb.CudaSharedMemoryRegisterRequest, self.cuda_shm_register),
+            "CudaSharedMemoryUnregister": (pb.CudaSharedMemoryUnregisterRequest, self.cuda_shm_unregister),
         }
         methods = {SERVICE + name: Method(cls.FromString, call) for name, (cls, call) in handlers.items()}
         methods.update(GrpcInfer(self.service.infer, self.service.submit, self.service.stream,
@@ -263,6 +267,40 @@ class GrpcFrontend:
                 reply.settings[key].string_param = now
         return reply
 
+    # ---- shared memory (server/shared_memory.py) ----------------------------------------------
+
+    async def shm_status(self, request: pb.SystemSharedMemoryStatusRequest,
+                         ctx: CallContext) -> pb.SystemSharedMemoryStatusResponse:
+        reply = pb.SystemSharedMemoryStatusResponse()
+        for region in self.service.shared_memory.status(request.name):
+            reply.regions[region["name"]].CopyFrom(pb.SystemSharedMemoryStatusResponse.RegionStatus(**region))
+        return reply
+
+    async def shm_register(self, request: pb.SystemSharedMemoryRegisterRequest,
+                           ctx: CallContext) -> pb.SystemSharedMemoryRegisterResponse:
+        self.service.shared_memory.register(request.name, request.key, request.offset, request.byte_size)
+        return pb.SystemSharedMemoryRegisterResponse()
+
+    async def shm_unregister(self, request: pb.SystemSharedMemoryUnregisterRequest,
+                             ctx: CallContext) -> pb.SystemSharedMemoryUnregisterResponse:
+        await self.service.shared_memory.unregister(request.name)
+        return pb.SystemSharedMemoryUnregisterResponse()
+
+    async def cuda_shm_status(self, request: pb.CudaSharedMemoryStatusRequest,
+                              ctx: CallContext) -> pb.CudaSharedMemoryStatusResponse:
+        self.service.shared_memory.cuda_status(request.name)  # none is ever registered
+        return pb.CudaSharedMemoryStatusResponse()
+
+    async def cuda_shm_register(self, request: pb.CudaSharedMemoryRegisterRequest,
+                                ctx: CallContext) -> pb.CudaSharedMemoryRegisterResponse:
+        self.service.shared_memory.cuda_register(request.name)
+        return pb.CudaSharedMemoryRegisterResponse()
+
+    async def cuda_shm_unregister(self, request: pb.CudaSharedMemoryUnregisterRequest,
+                                  ctx: CallContext) -> pb.CudaSharedMemoryUnregisterResponse:
+        self.service.shared_memory.cuda_unregister(request.name)
+        return pb.CudaSharedMemoryUnregisterResponse()
+
     async def repository_model_load(self, request: pb.RepositoryModelLoadRequest,
             ctx: CallContext) -> pb.RepositoryModelLoadResponse:
         await self.service.load_model(request.model_name, v2_proto.parameters_from_proto(request.parameters))
@@ -277,6 +315,6 @@ class GrpcFrontend:
 
 def _not_offered(name: str) -> Callable[[Any, CallContext], Awaitable[Any]]:
     async def call(request: Any, ctx: CallContext) -> Any:
-        raise Unsupported(f"{name} is not supported by fuserve (no shared-memory, trace or log-settings extensions)")
+        raise Unsupported(f"{name} is not supported by fuserve (no trace extension)")
     return call
 

@@ -16,7 +16,7 @@ from server._proto import grpc_service_pb2 as pb
 from server.context import CallContext
 from server.errors import PermissionDenied
 from server.frontends.http_messages import HttpRequest, HttpResponse
-from server.frontends.rest import ROUTES, Route, Router
+from server.frontends.routes import ROUTES, Route, Router
 
 SECRET = "s3cr3t-Zq9:with=signs"  # a value holding ':' and '=' (Triton keeps everything after the first '=')
 
