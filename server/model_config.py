@@ -8,6 +8,7 @@ needs (dtype objects, dims, name indexes, instance list) once, so no request re-
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from google.protobuf.descriptor import FieldDescriptor
 
 from . import dtypes
 from ._proto import model_config_pb2 as mc
+from .classification import read_labels
 from .dtypes import DType
 from .errors import ModelLoadError
 from .sequence_config import UNIMPLEMENTED as _SEQUENCE_UNIMPLEMENTED
@@ -57,10 +59,14 @@ class TensorSpec:
     optional: bool = False
     datatype: str = ""  # V2 name, filled from dtype
     variable: bool = False  # some dim is -1
+    labels: tuple[str, ...] = ()  # an output's label_filename, line by line (classification.py)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "datatype", self.dtype.v2)
         object.__setattr__(self, "variable", -1 in self.dims)
+
+    def with_labels(self, labels: tuple[str, ...]) -> TensorSpec:
+        return dataclasses.replace(self, labels=labels)
 
 
 @dataclass(frozen=True)
@@ -298,6 +304,9 @@ def build_spec(config: ModelConfig, backend: str, instances: tuple[InstanceSpec,
         raise ModelLoadError(f"{where}: max_batch_size must be >= 0, got {config.max_batch_size}")
     inputs = _tensor_specs("input", list(config.input), where)
     outputs = _tensor_specs("output", list(config.output), where)
+    if version_dir is not None and any(e.label_filename for e in config.output):
+        outputs = tuple(t.with_labels(read_labels(version_dir.parent, e.label_filename, where))
+                        if e.label_filename else t for t, e in zip(outputs, config.output, strict=True))
     if (not inputs or not outputs) and backend not in ("python", "ensemble"):  # a Python model may declare none
         raise ModelLoadError(f"{where}: the model must have at least one input and one output")
     params = {k: v.string_value for k, v in config.parameters.items()}
@@ -364,7 +373,7 @@ _TOP_LEVEL = frozenset((
     "model_transaction_policy", "sequence_batching",
 ))
 _INPUT = frozenset(("name", "data_type", "dims", "reshape", "optional"))
-_OUTPUT = frozenset(("name", "data_type", "dims", "reshape"))
+_OUTPUT = frozenset(("name", "data_type", "dims", "reshape", "label_filename"))
 _INSTANCE_GROUP = frozenset(("name", "kind", "count", "gpus"))
 # the pinned-memory switches are Triton's GPU-memory hints, which change no answer: accepted, no-ops
 # here. A non-default `priority` (rate limiting) is refused: PRIORITY_DEFAULT is never listed as set.

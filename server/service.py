@@ -16,7 +16,7 @@ from typing import NoReturn, cast
 
 import numpy as np
 
-from . import __version__, model_files
+from . import __version__, classification, model_files
 from .errors import (
     BackendError,
     DecoupledUnary,
@@ -33,7 +33,7 @@ from .scheduler import Outcome, Work
 from .scheduler.lending import Runner
 from .shared_memory import Lease, SharedMemory
 from .sink import ResponseSink
-from .types import IN_REGION, InferRequest, InferResponse, Parameters, Responses, Tensor
+from .types import IN_REGION, InferRequest, InferResponse, Parameters, RequestedOutput, Responses, Tensor
 
 
 @dataclass(slots=True)
@@ -46,6 +46,7 @@ class _Call:
     start: int  # perf_counter_ns
     prepared: int
     lease: Lease | None = None  # the shared memory regions the request holds
+    classes: dict[str, int] | None = None  # outputs the request asked to classify: name -> k
 
 
 def _release(call: _Call | None) -> None:
@@ -54,9 +55,9 @@ def _release(call: _Call | None) -> None:
 
 
 # What the server metadata names: exactly the extensions served (Triton's names). Not named,
-# because not served: classification, cuda_shared_memory, trace, model_repository(unload_dependents).
-EXTENSIONS = ("binary_tensor_data", "model_configuration", "model_repository", "parameters", "schedule_policy",
-              "sequence", "statistics", "logging", "system_shared_memory", "generate")
+# because not served: cuda_shared_memory, trace, model_repository(unload_dependents).
+EXTENSIONS = ("classification", "binary_tensor_data", "model_configuration", "model_repository", "parameters",
+              "schedule_policy", "sequence", "statistics", "logging", "system_shared_memory", "generate")
 
 
 @dataclass(frozen=True)
@@ -155,6 +156,30 @@ def _response(mv: ModelVersion, request: InferRequest, names: Sequence[str],
                 t.data = IN_REGION
                 t.region = next(o.region for o in request.outputs if o.name == t.name)
     return InferResponse(model_name=mv.spec.name, model_version=str(mv.version), outputs=tensors, id=request.id)
+
+
+def _classes(mv: ModelVersion, output: RequestedOutput, classes: dict[str, int] | None) -> dict[str, int] | None:
+    """The classification a requested output asks for (the extension), checked: `classes` with it."""
+    k = classification.count(output.name, output.parameters)
+    if not k:
+        return classes  # 0: no classification (Triton's answer)
+    if mv.spec.output_index[output.name].datatype == "BYTES":
+        raise InvalidArgument(f"class result not available for output '{output.name}' due to unsupported type "
+                              f"'BYTES'")
+    if mv.decoupled:
+        raise InvalidArgument(f"model '{mv.spec.name}' is decoupled: the classification extension is served for "
+                              f"models that answer a request with one response")
+    return {**(classes or {}), output.name: k}
+
+
+def _classify(mv: ModelVersion, response: InferResponse, classes: dict[str, int]) -> None:
+    index = mv.spec.output_index
+    batched = mv.spec.max_batch_size > 0
+    for t in response.outputs:
+        k = classes.get(t.name)
+        if k is not None:
+            t.data = classification.classify(t.data, k, index[t.name].labels, batched)
+            t.datatype, t.shape = "BYTES", t.data.shape
 
 
 def _unary(mv: ModelVersion) -> ModelVersion:
@@ -472,14 +497,15 @@ class InferenceService:
         feeds = _check_inputs(spec, request)
         if mv.check_inputs is not None:
             mv.check_inputs(feeds)
+        classes = None
         if request.outputs:
             names = []
             for o in request.outputs:
-                if o.parameters and "classification" in o.parameters:
-                    raise Unsupported("the classification extension is not supported by fuserve")
                 if o.name not in spec.output_index:
                     raise InvalidArgument(f"unexpected output '{o.name}' for model '{spec.name}' "
                                           f"(its outputs: {', '.join(spec.output_index)})")
+                if o.parameters and "classification" in o.parameters:
+                    classes = _classes(mv, o, classes)
                 names.append(o.name)
         else:
             names = list(spec.output_index)
@@ -491,11 +517,13 @@ class InferenceService:
             work.parameters = _own_parameters(request.parameters)
             if "sequence_id" in request.parameters:
                 _sequence_parameters(work, request.parameters)
-        return _Call(work, names, rows, start, time.perf_counter_ns(), lease)
+        return _Call(work, names, rows, start, time.perf_counter_ns(), lease, classes)
 
     def _complete(self, mv: ModelVersion, request: InferRequest, call: _Call, outcome: Outcome) -> InferResponse:
         collected = time.perf_counter_ns()
         response = _response(mv, request, call.names, outcome.outputs, call.lease)
+        if call.classes is not None:
+            _classify(mv, response, call.classes)
         self._record(mv, call, outcome, collected)
         return response
 

@@ -28,6 +28,8 @@ def region_ref(kind: str, name: str, params: dict[str, Any]) -> RegionRef | None
         raise InvalidArgument(f"invalid value type for '{REGION}' parameter for {kind} '{name}', expected a string")
     if SIZE not in params:
         raise InvalidArgument(f"'{SIZE}' must be specified along with '{REGION}' parameter for {kind} '{name}'")
+    if kind == "output" and params.get("classification"):
+        raise InvalidArgument("Output can't set both 'shared_memory_region' and 'classification'")
     size, offset = params[SIZE], params.get(OFFSET, 0)
     for key, value in ((SIZE, size), (OFFSET, offset)):
         if type(value) is not int:
