@@ -22,7 +22,7 @@ import numpy as np
 from . import model_files
 from .backends.base import BackendFactory
 from .backends.registry import get_backend
-from .errors import InvalidArgument, ModelLoadError, NotFound
+from .errors import InvalidArgument, ModelLoadError, NotFound, ServerError
 from .instances import InstancePool
 from .model_config import (
     ModelConfig,
@@ -355,9 +355,14 @@ class Repository:
         if files is not None:
             try:
                 await self._load(name, files, config_override, files)
-            except BaseException:
-                model_files.remove(files)
+            except ServerError as exc:  # its message names the private directory: say "the files sent"
+                exc.message = exc.message.replace(str(files), "(the files sent)")
+                exc.args = (exc.message,)
                 raise
+            finally:
+                entry = self._models.get(name)
+                if entry is None or entry.files != files:  # failed, cancelled, or replaced at once
+                    model_files.remove(files)
             return
         try:
             model_dir = self.model_dir(name)
@@ -401,9 +406,12 @@ class Repository:
             for v, mv in sorted(versions.items()):
                 where_runs = ", ".join(sorted(set(mv.pool.devices))) if mv.pool is not None else "its steps' models"
                 log.info("loaded model '%s' version %d on %s in %.2fs", name, v, where_runs, mv.load_seconds)
-        for mv in old.values():
-            await mv.close()
-        model_files.remove(old_files)
+        try:
+            for mv in old.values():
+                await mv.close()
+        finally:
+            if old_files != files:
+                model_files.remove(old_files)
 
     async def unload(self, name: str) -> None:
         if not _valid_name(name):
@@ -417,9 +425,11 @@ class Repository:
             old, old_files = entry.versions, entry.files
             entry.versions, entry.latest, entry.files = {}, None, None
             entry.state, entry.reason = UNAVAILABLE, "unloaded"
-        for mv in old.values():
-            await mv.close()
-        model_files.remove(old_files)
+        try:
+            for mv in old.values():
+                await mv.close()
+        finally:
+            model_files.remove(old_files)
         log.info("unloaded model '%s'", name)
 
     async def load_many(self, names: list[str]) -> dict[str, str]:

@@ -387,7 +387,7 @@ class InferenceService:
         pending = None
         call = None
         try:
-            if any(o.region is not None for o in request.outputs):
+            if request.shared_memory and any(o.region is not None for o in request.outputs):
                 raise InvalidArgument(f"model '{mv.spec.name}' is decoupled: its outputs cannot be written to "
                                       f"shared memory, since each of its responses would overwrite the last")
             call = self._prepare(mv, request, start)
@@ -584,10 +584,15 @@ class InferenceService:
         if not files:
             await self.repository.load(name, override)
             return
+        writing = asyncio.ensure_future(asyncio.to_thread(model_files.write, files))
         try:
-            folder = await asyncio.to_thread(model_files.write, files)
+            folder = await asyncio.shield(writing)
         except ServerError as exc:
             raise with_prefix(exc, f"failed to load '{name}': ") from None
+        except asyncio.CancelledError:  # the thread writes on: what it writes is removed when it is done
+            writing.add_done_callback(lambda w: None if w.cancelled() or w.exception() is not None
+                                      else model_files.remove(w.result()))
+            raise
         await self.repository.load(name, override, folder)
 
     async def unload_model(self, name: str) -> None:

@@ -16,9 +16,14 @@ The decisions (docs/protocol.md, "Shared memory"):
 - Every offset and size is checked, as Python ints (no overflow), against the region before
   anything is read or written: offset < byte_size and offset + size <= byte_size.
 - A request holds the regions it names (a refcount, in its Lease) from its checks until its
-  outputs are written; unregistering such a region takes it out of the table at once and waits
-  for those requests before it unmaps. A view still alive after that (a model that kept an input)
-  keeps the mapping alive with it; the mapping is never pulled from under an array.
+  outputs are written; unregistering such a region takes it out of the table at once, and the
+  last request to release it unmaps it; the unregister call waits for that (a bounded time). A
+  view still alive after that (a model that kept an input) keeps the mapping alive with it; the
+  mapping is never pulled from under an array.
+- Each request checks (fstat) that the object still holds the region: a client that truncates
+  its object would otherwise make reads fault. A truncation during the request itself can still
+  fault the server, as in Triton: a client that may register regions is trusted that far, which
+  is one reason it is off by default.
 - The client owns its shared memory objects: the server opens and maps them, never creates or
   unlinks one; at shutdown and on unregister-all it unmaps everything.
 """
@@ -26,6 +31,8 @@ The decisions (docs/protocol.md, "Shared memory"):
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import logging
 import mmap
 import os
@@ -35,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from .codecs import raw
-from .errors import AlreadyExists, InvalidArgument, NotFound, ServerError, Unsupported
+from .errors import AlreadyExists, InvalidArgument, NotFound, ServerError, Unavailable, Unsupported
 from .types import InferRequest, RegionRef, Tensor
 
 log = logging.getLogger(__name__)
@@ -43,22 +50,34 @@ log = logging.getLogger(__name__)
 DISABLED = "Client shared memory is disabled. Start the server with '--allow-client-shm=true' to enable."
 # Keys kept for server-internal regions: fuserve's own, and Triton's Python backend's.
 RESERVED_PREFIXES = ("fuserve_", "triton_python_backend_shm_region_")
-MAX_REGIONS = 1024  # each is a mapping; bounded, whatever clients register
+MAX_REGIONS = 256  # each is a mapping and an open file; bounded, whatever clients register
+MAX_NAME = 256
+UNREGISTER_WAIT = 60.0  # seconds an unregister waits for the requests that hold its regions
 NAME_MAX = 255
 _ROOT = "/dev/shm"
 
 
 class Region:
-    """One registered region: `byte_size` bytes of the object `key`, from `offset`, mapped."""
+    """One registered region: `byte_size` bytes of the object `key`, from `offset`, mapped; `fd`
+    stays open, so that each request can check the object still holds the region."""
 
-    __slots__ = ("name", "key", "offset", "byte_size", "map", "start", "refs", "idle")
+    __slots__ = ("name", "key", "offset", "byte_size", "fd", "map", "start", "refs", "gone", "idle")
 
-    def __init__(self, name: str, key: str, offset: int, byte_size: int, mapped: mmap.mmap, start: int) -> None:
-        self.name, self.key, self.offset, self.byte_size = name, key, offset, byte_size
+    def __init__(self, name: str, key: str, offset: int, byte_size: int, fd: int, mapped: mmap.mmap,
+                 start: int) -> None:
+        self.name, self.key, self.offset, self.byte_size, self.fd = name, key, offset, byte_size, fd
         self.map: mmap.mmap | None = mapped
         self.start = start  # where the region begins in the mapping (the mapping starts at a page)
         self.refs = 0  # requests holding the region
-        self.idle: asyncio.Event | None = None  # set when refs falls to 0, while an unregister waits
+        self.gone = False  # unregistered: unmapped once no request holds it
+        self.idle: asyncio.Event | None = None  # set when it is unmapped, for an unregister that waits
+
+    def check(self) -> None:
+        """Refuse a request when the object no longer holds the region: a client that truncated its
+        object after registering it would otherwise make the mapping fault (SIGBUS) when read."""
+        if os.fstat(self.fd).st_size < self.offset + self.byte_size:
+            raise InvalidArgument(f"shared memory region '{self.name}' is no longer backed: its object is smaller "
+                                  f"than when the region was registered")
 
     def span(self, offset: Any, size: Any) -> int:
         """Where a tensor of `size` bytes at `offset` in the region begins in the mapping; raises
@@ -74,17 +93,41 @@ class Region:
 
     def release(self) -> None:
         self.refs -= 1
-        if self.refs == 0 and self.idle is not None:
-            self.idle.set()
+        if self.refs == 0 and self.gone:
+            # once the request's frames are gone too (they hold its arrays): on the loop's next turn
+            asyncio.get_running_loop().call_soon(self.unmap)
 
     def unmap(self) -> None:
         mapped, self.map = self.map, None
         if mapped is None:
             return
-        try:
-            mapped.close()
-        except BufferError:  # a model kept an input: the mapping goes when the last view does
-            log.debug("shared memory region '%s' is still viewed; it is unmapped when the last view goes", self.name)
+        os.close(self.fd)
+        if self.idle is not None:
+            self.idle.set()
+        _close(mapped, self.name, 0.0)
+
+
+def _close(mapped: mmap.mmap, name: str, retried: float) -> None:
+    """Unmap, once no array views the mapping. An array still alive (a model that kept an input, or
+    one that is done with it but sits in a reference cycle, such as an exception's traceback) makes
+    `close` refuse: then the garbage collector is run and, if that is not enough, it is tried again
+    later (after 1 s, doubling up to a minute), for as long as it takes. Until then the mapping
+    stays, so no array ever loses its memory."""
+    try:
+        mapped.close()
+        return
+    except BufferError:
+        pass
+    gc.collect()
+    try:
+        mapped.close()
+        return
+    except BufferError:
+        pass
+    delay = min(60.0, max(1.0, retried * 2))
+    log.debug("shared memory region '%s' is still viewed; trying to unmap it again in %.0fs", name, delay)
+    with contextlib.suppress(RuntimeError):  # no loop (shutdown): it goes with the last view, or the process
+        asyncio.get_running_loop().call_later(delay, _close, mapped, name, delay)
 
 
 class Lease:
@@ -165,6 +208,8 @@ class SharedMemory:
             raise Unsupported(DISABLED)
         if not name:
             raise InvalidArgument("'region name' is necessary to register system shared memory region")
+        if len(name) > MAX_NAME:
+            raise InvalidArgument(f"a shared memory region's name may have at most {MAX_NAME} characters")
         if name in self._regions:
             raise AlreadyExists(f"shared memory region '{name}' already in manager")
         if len(self._regions) >= MAX_REGIONS:
@@ -191,9 +236,10 @@ class SharedMemory:
                                       f"bytes)")
             page = offset - offset % mmap.ALLOCATIONGRANULARITY
             mapped = mmap.mmap(fd, offset + byte_size - page, offset=page)
-        finally:
+        except BaseException:
             os.close(fd)
-        self._regions[name] = Region(name, key, offset, byte_size, mapped, offset - page)
+            raise
+        self._regions[name] = Region(name, key, offset, byte_size, fd, mapped, offset - page)
 
     def status(self, name: str = "") -> list[dict[str, Any]]:
         if name:
@@ -205,7 +251,8 @@ class SharedMemory:
 
     async def unregister(self, name: str = "") -> None:
         """Unregister one region (an unknown name is no error, as in Triton) or all of them. The
-        regions leave the table at once; each is unmapped when the requests that hold it are done."""
+        regions leave the table at once; each is unmapped when the last request holding it is done,
+        and this waits for that (at most UNREGISTER_WAIT seconds: then Unavailable, saying so)."""
         if not self.allowed:
             raise Unsupported(DISABLED)
         if name:
@@ -213,16 +260,28 @@ class SharedMemory:
             gone = [region] if region is not None else []
         else:
             gone, self._regions = list(self._regions.values()), {}
+        waits = []
         for region in gone:
+            region.gone = True
             if region.refs:
                 region.idle = asyncio.Event()
-                await region.idle.wait()
-            region.unmap()
+                waits.append(region.idle.wait())
+            else:
+                region.unmap()
+        if not waits:
+            return
+        try:
+            await asyncio.wait_for(asyncio.gather(*waits), UNREGISTER_WAIT)
+        except asyncio.TimeoutError:
+            held = ", ".join(f"'{r.name}'" for r in gone if r.map is not None)
+            raise Unavailable(f"shared memory region(s) {held} are unregistered but still in use by requests after "
+                              f"{UNREGISTER_WAIT:.0f}s; each is unmapped when its requests finish") from None
 
     def close(self) -> None:
         """Unmap every region (shutdown: nothing is in flight any more)."""
         regions, self._regions = list(self._regions.values()), {}
         for region in regions:
+            region.gone = True
             region.unmap()
 
     def _held(self, lease: Lease, ref: RegionRef) -> Region:
@@ -230,6 +289,7 @@ class SharedMemory:
         if region is None or region.map is None:
             raise NotFound(f"Unable to find shared memory region: '{ref.name}'")
         if region not in lease.regions:
+            region.check()
             lease.hold(region)
         return region
 

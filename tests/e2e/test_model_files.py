@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
+from conftest import wait_until
 from model_builders import add_constant
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
@@ -89,9 +90,13 @@ def test_a_model_sent_over_http_as_base64(explicit, onnx_bytes, tmpdir_of_server
 def test_a_failed_load_leaves_nothing_and_keeps_what_served(explicit, onnx_bytes, tmpdir_of_server):
     client = grpcclient.InferenceServerClient(explicit.grpc_url)
     try:
-        with pytest.raises(InferenceServerException, match="failed to load"):
+        with pytest.raises(InferenceServerException, match="failed to load") as err:
             client.load_model("sent", config=CONFIG, files={"file:1/model.onnx": b"not an onnx model"})
         assert _dirs(tmpdir_of_server) == [] and not client.is_model_ready("sent")
+        with pytest.raises(InferenceServerException, match="model file not found") as missing:
+            client.load_model("sent", config=CONFIG, files={"file:1/other.bin": b"x"})
+        for e in (err, missing):  # the server's private directory is not named
+            assert str(tmpdir_of_server) not in str(e.value) and "fuserve_model_" not in str(e.value)
         client.load_model("sent", config=CONFIG, files={"file:1/model.onnx": onnx_bytes[1.0]})
         kept = _dirs(tmpdir_of_server)
         with pytest.raises(InferenceServerException, match="failed to load"):
@@ -150,5 +155,28 @@ def test_files_need_explicit_mode(server, onnx_bytes):
         with pytest.raises(InferenceServerException, match="explicit model load is not allowed") as err:
             client.load_model("sent", config=CONFIG, files={"file:1/model.onnx": onnx_bytes[1.0]})
         assert err.value.status() == "StatusCode.UNIMPLEMENTED"
+    finally:
+        client.close()
+
+
+def test_a_load_given_up_by_its_client_leaves_nothing(explicit, onnx_bytes, tmpdir_of_server):
+    """The client's deadline passes while the files are written or the model loads: whatever the
+    server was doing then, no directory outlives it (unless the model did load, until its unload)."""
+    files = {f"file:1/extra_{i}.bin": b"\0" * (1 << 20) for i in range(40)}
+    files["file:1/model.onnx"] = onnx_bytes[1.0]
+    client = grpcclient.InferenceServerClient(explicit.grpc_url)
+    try:
+        given_up = 0
+        for timeout in (0.05, 0.2, 0.5):
+            try:
+                client.load_model("sent", config=CONFIG, files=files, client_timeout=timeout)
+            except InferenceServerException as exc:
+                assert "Deadline" in str(exc)
+                given_up += 1
+            wait_until(lambda: len(_dirs(tmpdir_of_server)) == (1 if client.is_model_ready("sent") else 0),
+                       timeout=30, what="the load to settle")
+            client.unload_model("sent")
+            wait_until(lambda: _dirs(tmpdir_of_server) == [], timeout=30, what="no model directory left")
+        assert given_up  # 50 ms is too short for 40 MiB of files: that one, at least, was cut short
     finally:
         client.close()

@@ -19,7 +19,7 @@ import tritonclient.http as httpclient
 import tritonclient.utils.shared_memory as shm
 from conftest import wait_until
 from model_builders import ONNX_TYPES
-from python_models import write
+from python_models import REPEAT, REPEAT_CONFIG, write
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException, serialize_byte_tensor
 
@@ -65,6 +65,7 @@ def gate(tmp_path_factory):
 def shm_server(start_server, test_repo, tmp_path_factory, gate):
     repo = tmp_path_factory.mktemp("shm_repo")
     write(repo, "gated", GATED_CONFIG, GATED)
+    write(repo, "repeat", REPEAT_CONFIG, REPEAT)
     return start_server([test_repo, repo], "--allow-client-shm=true", env={"FUSERVE_TEST_GATE": str(gate)})
 
 
@@ -196,20 +197,20 @@ def test_register_status_unregister_over_grpc(shm_server, regions):
         client.close()
 
 
-@pytest.mark.parametrize(("key", "words"), [
-    ("/", "its key is not the name of a shared memory object"),
-    ("/..", "its key is not the name of a shared memory object"),
-    ("/a/b", "its key is not the name of a shared memory object"),
-    ("/" + "k" * 256, "its key is not the name of a shared memory object"),
-    ("/fuserve_ring_0", "reserved for the server's own regions"),
-    ("/triton_python_backend_shm_region_1", "reserved for the server's own regions"),
-    ("/no_such_object_" + "x" * 8, "Unable to open shared memory region"),
+@pytest.mark.parametrize(("key", "status", "words"), [
+    ("/", 400, "its key is not the name of a shared memory object"),
+    ("/..", 400, "its key is not the name of a shared memory object"),
+    ("/a/b", 400, "its key is not the name of a shared memory object"),
+    ("/" + "k" * 256, 400, "its key is not the name of a shared memory object"),
+    ("/fuserve_ring_0", 400, "reserved for the server's own regions"),
+    ("/triton_python_backend_shm_region_1", 400, "reserved for the server's own regions"),
+    ("/no_such_object_" + "x" * 8, 500, "Unable to open shared memory region"),  # Triton's code for it
 ])
-def test_bad_keys_are_refused_without_echoing_them(shm_server, key, words):
-    status, _, body = shm_server.request("POST", "/v2/systemsharedmemory/region/bad/register",
-                                         json.dumps({"key": key, "byte_size": 64}).encode())
+def test_bad_keys_are_refused_without_echoing_them(shm_server, key, status, words):
+    got, _, body = shm_server.request("POST", "/v2/systemsharedmemory/region/bad/register",
+                                      json.dumps({"key": key, "byte_size": 64}).encode())
     message = json.loads(body)["error"]
-    assert status in (400, 500) and words in message and "'bad'" in message
+    assert got == status and words in message and "'bad'" in message
     assert not key.strip("/") or key.strip("/") not in message
     assert _http(shm_server).get_system_shared_memory_status() == []
 
@@ -375,9 +376,8 @@ def test_misuse_in_an_inference_gets_a_specific_error(shm_server, regions, input
     try:
         got, _, body = shm_server.request("POST", "/v2/models/add_sub/infer", _infer_body(inputs, outputs))
         assert got == status and words in json.loads(body)["error"], body
-        if outputs and status == 400 and "binary_data" not in words and "offset" not in words:
-            # the too-small output was not written at all
-            np.testing.assert_array_equal(shm.get_contents_as_numpy(handle, np.int32, [1, 16]), before)
+        # a refused request writes nothing into the region
+        np.testing.assert_array_equal(shm.get_contents_as_numpy(handle, np.int32, [1, 16]), before)
     finally:
         client.unregister_system_shared_memory()
     assert not _mapped(shm_server.proc.pid, _key(handle))  # nothing kept it held
@@ -459,6 +459,18 @@ def test_unregister_waits_for_the_request_that_holds_the_region(shm_server, regi
 
     request = threading.Thread(target=infer)
     request.start()
+    try:
+        _unregister_while_held(shm_server, client, gate, started, request, unregister, answered, data, i_handle,
+                               o_handle)
+    finally:
+        gate.touch()  # whatever failed, the model is let go
+        request.join(WAIT)
+        started.unlink(missing_ok=True)
+        gate.unlink(missing_ok=True)
+
+
+def _unregister_while_held(shm_server, client, gate, started, request, unregister, answered, data, i_handle,
+                           o_handle) -> None:
     wait_until(started.exists, timeout=WAIT, what="the gated model to start")
     unregistering = threading.Thread(target=unregister)
     unregistering.start()
@@ -475,8 +487,6 @@ def test_unregister_waits_for_the_request_that_holds_the_region(shm_server, regi
     assert answered["unregistered"] >= opened
     np.testing.assert_array_equal(shm.get_contents_as_numpy(o_handle, np.int32, [16]), data)
     assert not _mapped(shm_server.proc.pid, _key(i_handle)) and not _mapped(shm_server.proc.pid, _key(o_handle))
-    started.unlink()
-    gate.unlink()
 
 
 def test_regions_are_unmapped_at_shutdown_and_nothing_is_left_in_dev_shm(start_server, test_repo, regions):
@@ -515,4 +525,109 @@ def test_regions_through_frontend_workers(start_server, test_repo, regions, prot
         assert _mapped(server.proc.pid, _key(i_handle))
     finally:
         client.unregister_system_shared_memory()
+        client.close()
+
+
+def test_a_truncated_object_is_refused_and_the_server_lives_on(shm_server, regions):
+    """A client that shrinks its object after registering it gets an error, not a server killed by
+    SIGBUS when the mapping past the object's new end is read."""
+    name, handle = regions(1 << 20)
+    client = _http(shm_server)
+    client.register_system_shared_memory(name, _key(handle), 1 << 20)
+    try:
+        os.truncate(f"/dev/shm/{_key(handle).lstrip('/')}", 4096)
+        inputs = [_in("INPUT0", name, shared_memory_byte_size=64, shared_memory_offset=512 << 10),
+                  _in("INPUT1", name, shared_memory_byte_size=64)]
+        got, _, body = shm_server.request("POST", "/v2/models/add_sub/infer", _infer_body(inputs))
+        assert got == 400 and "is no longer backed" in json.loads(body)["error"]
+        assert client.is_server_live()
+    finally:
+        client.unregister_system_shared_memory()
+
+
+def test_a_decoupled_model_reads_regions_but_does_not_write_them(shm_server, regions):
+    (i_name, i_handle), (o_name, o_handle) = regions(12), regions(64)
+    shm.set_shared_memory_region(i_handle, [np.array([4, 5, 6], dtype=np.int32)])
+    client = grpcclient.InferenceServerClient(shm_server.grpc_url)
+    got: list = []
+    done = threading.Event()
+
+    def callback(result, error) -> None:
+        got.append(error if error is not None else result.as_numpy("OUT"))
+        if error is not None or result.get_response().parameters["triton_final_response"].bool_param:
+            done.set()
+
+    try:
+        client.register_system_shared_memory(i_name, _key(i_handle), 12)
+        client.register_system_shared_memory(o_name, _key(o_handle), 64)
+        client.start_stream(callback=callback)
+        inp = grpcclient.InferInput("IN", [3], "INT32")
+        inp.set_shared_memory(i_name, 12)
+        client.async_stream_infer("repeat", [inp], enable_empty_final_response=True)
+        assert done.wait(WAIT)
+        assert [int(g[0]) for g in got if isinstance(g, np.ndarray)] == [4, 5, 6]
+        done.clear()
+        got.clear()
+        out = grpcclient.InferRequestedOutput("OUT")
+        out.set_shared_memory(o_name, 64)
+        client.async_stream_infer("repeat", [inp], outputs=[out], enable_empty_final_response=True)
+        assert done.wait(WAIT)
+        assert len(got) == 1 and "its outputs cannot be written to shared memory" in str(got[0])
+    finally:
+        client.stop_stream()
+        client.unregister_system_shared_memory()
+        client.close()
+
+
+def test_a_request_that_goes_away_releases_its_region(shm_server, regions, gate):
+    """The client gives up while the model runs: the request lets its regions go (an unregister does
+    not wait for it), and the mapping lives on under the model's input until the model is done."""
+    (i_name, i_handle), (o_name, o_handle) = regions(64), regions(64)
+    client = _http(shm_server)
+    client.register_system_shared_memory(i_name, _key(i_handle), 64)
+    client.register_system_shared_memory(o_name, _key(o_handle), 64)
+    started = gate.with_name(gate.name + ".started")
+    inp = httpclient.InferInput("IN", [16], "INT32")
+    inp.set_shared_memory(i_name, 64)
+    out = httpclient.InferRequestedOutput("OUT")
+    out.set_shared_memory(o_name, 64)
+    impatient = httpclient.InferenceServerClient(shm_server.http_url, network_timeout=1.0)
+    try:
+        with pytest.raises(OSError):  # the client's own timeout (socket.timeout)
+            impatient.infer("gated", [inp], outputs=[out])
+        wait_until(started.exists, timeout=WAIT, what="the gated model to start")
+        t = time.monotonic()
+        client.unregister_system_shared_memory()  # nothing holds the regions: answered at once
+        assert time.monotonic() - t < 10 and client.get_system_shared_memory_status() == []
+        assert _mapped(shm_server.proc.pid, _key(i_handle))  # the model still reads its input
+        gate.touch()
+        wait_until(lambda: not _mapped(shm_server.proc.pid, _key(i_handle)), timeout=WAIT,
+                   what="the mapping to go with the model's input")
+        assert not _mapped(shm_server.proc.pid, _key(o_handle))
+        assert np.all(shm.get_contents_as_numpy(o_handle, np.int32, [16]) == 0)  # nothing was written
+    finally:
+        impatient.close()
+        gate.unlink(missing_ok=True)
+        started.unlink(missing_ok=True)
+
+
+def test_a_refused_request_through_frontend_workers_releases_its_region(start_server, test_repo, regions):
+    server = start_server(test_repo, "--allow-client-shm=true", "--frontend-workers", "2")
+    name, handle = regions(128)
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    try:
+        client.register_system_shared_memory(name, _key(handle), 128)
+        for _ in range(4):
+            in0, in1 = grpcclient.InferInput("INPUT0", [1, 16], "INT32"), grpcclient.InferInput("INPUT1", [1, 16],
+                                                                                                   "INT32")
+            in0.set_shared_memory(name, 64)
+            in1.set_shared_memory(name, 64, offset=64)
+            out0 = grpcclient.InferRequestedOutput("OUTPUT0")
+            out0.set_shared_memory(name, 32)  # too small: refused after the model ran
+            with pytest.raises(InferenceServerException, match="should be at least 64 bytes"):
+                client.infer("add_sub", [in0, in1], outputs=[out0])
+        t = time.monotonic()
+        client.unregister_system_shared_memory()
+        assert time.monotonic() - t < 10 and not _mapped(server.proc.pid, _key(handle))
+    finally:
         client.close()
