@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import __version__, access, tls
+from . import __version__, access, tls, trace_settings
 from .config import MODEL_CONTROL_MODES, ServerConfig
 
 
@@ -77,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     for level in ("info", "warning", "error"):
         s.add_argument(f"--log-{level}", type=_bool, default=True, metavar="BOOL",
                        help=f"show {level} log records (default true)")
+    s.add_argument("--trace-config", action="append", default=[], metavar="[MODE,]SETTING=VALUE",
+                   help="tracing, as tritonserver's: level=OFF|TIMESTAMPS, rate=N, count=N, mode=triton|"
+                        "opentelemetry, opentelemetry,url=HOST:PORT/v1/traces, opentelemetry,resource=K=V, "
+                        "opentelemetry,bsp_schedule_delay=MS (repeatable; traces go to OpenTelemetry only)")
     s.add_argument("--log-format", choices=("default", "ISO8601"), default="default",
                    help="log timestamps: local time (default) or ISO8601 (UTC)")
     s.add_argument("--http-max-input-size", "--max-input-size", dest="max_input_size", type=int,
@@ -197,6 +201,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         log_warning=args.log_warning,
         log_error=args.log_error,
         log_format=args.log_format,
+        trace_config=tuple(args.trace_config),
         server_name=args.server_name,
         max_input_size=args.max_input_size,
         http_max_request_line=args.http_max_request_line,
@@ -223,6 +228,11 @@ def main(argv: list[str] | None = None) -> int:
     missing = [p for p in args.model_repository if not Path(p).is_dir()]
     if missing:
         print(f"fuserve: model repository not found: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    try:
+        trace_settings.from_options(args.trace_config)
+    except trace_settings.TraceConfigError as exc:
+        print(f"fuserve: {exc}", file=sys.stderr)
         return 2
     from .app import run
 

@@ -15,7 +15,7 @@ import logging
 import signal
 import socket
 
-from . import log_settings, tls
+from . import log_settings, tls, trace_settings
 from .access import grpc_authorize
 from .backends.python import pb_utils
 from .config import ServerConfig
@@ -31,6 +31,7 @@ from .metrics import MetricsPoller, ServerMetrics
 from .repository import Repository
 from .service import InferenceService
 from .shared_memory import SharedMemory
+from .tracing import Tracer
 from .workers import WorkerEndpoint, WorkerPool, reuseport_socket
 
 log = logging.getLogger("fuserve")
@@ -102,9 +103,11 @@ async def serve(config: ServerConfig) -> int:
                             histograms=config.allow_metrics)
     # Client regions are mapped in this process, where the models read and write them; frontend
     # workers pass the references on untouched (docs/protocol.md, "Shared memory")
+    traces = trace_settings.from_options(list(config.trace_config))
+    tracer = Tracer(traces) if traces.mode == "opentelemetry" else None
     service = InferenceService(repository, model_control_mode=config.model_control_mode,
                                server_name=config.server_name,
-                               shared_memory=SharedMemory(config.allow_client_shm))
+                               shared_memory=SharedMemory(config.allow_client_shm), traces=traces, tracer=tracer)
     # Python models' BLS calls (pb_utils.InferenceRequest.exec) are answered by this service
     pb_utils.set_bridge(Bridge(service, asyncio.get_running_loop()))
 
@@ -196,6 +199,8 @@ async def serve(config: ServerConfig) -> int:
     with contextlib.suppress(asyncio.TimeoutError):
         await asyncio.wait_for(repository.close(), 5.0)
     service.shared_memory.close()
+    if tracer is not None:
+        await asyncio.to_thread(tracer.close)
     log.info("fuserve stopped")
     return 0
 

@@ -37,6 +37,7 @@ class ServerConfig:
     log_warning: bool = True
     log_error: bool = True
     log_format: str = "default"  # or "ISO8601" (server/log_settings.py)
+    trace_config: tuple[str, ...] = ()  # --trace-config options (server/trace_settings.py)
     # Reported in server metadata. "triton" by default: Triton's clients and examples check it.
     server_name: str = "triton"
     # Largest request body (HTTP) or message (gRPC) accepted, in bytes.

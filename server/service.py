@@ -21,6 +21,7 @@ from .errors import (
     BackendError,
     DecoupledUnary,
     InvalidArgument,
+    NotFound,
     Rejected,
     ServerError,
     Unavailable,
@@ -33,6 +34,8 @@ from .scheduler import Outcome, Work
 from .scheduler.lending import Runner
 from .shared_memory import Lease, SharedMemory
 from .sink import ResponseSink
+from .trace_settings import TraceSettings
+from .tracing import Tracer
 from .types import IN_REGION, InferRequest, InferResponse, Parameters, RequestedOutput, Responses, Tensor
 
 
@@ -55,9 +58,9 @@ def _release(call: _Call | None) -> None:
 
 
 # What the server metadata names: exactly the extensions served (Triton's names). Not named,
-# because not served: cuda_shared_memory, trace, model_repository(unload_dependents).
+# because not served: cuda_shared_memory, model_repository(unload_dependents).
 EXTENSIONS = ("classification", "binary_tensor_data", "model_configuration", "model_repository", "parameters",
-              "schedule_policy", "sequence", "statistics", "logging", "system_shared_memory", "generate")
+              "schedule_policy", "sequence", "statistics", "trace", "logging", "system_shared_memory", "generate")
 
 
 @dataclass(frozen=True)
@@ -246,8 +249,11 @@ def _sequence_parameters(work: Work, parameters: Parameters) -> None:
 
 class InferenceService:
     def __init__(self, repository: Repository, *, model_control_mode: str = "none",
-                 server_name: str = "triton", shared_memory: SharedMemory | None = None) -> None:
+                 server_name: str = "triton", shared_memory: SharedMemory | None = None,
+                 traces: TraceSettings | None = None, tracer: Tracer | None = None) -> None:
         self.repository = repository
+        self.traces = traces or TraceSettings()  # the trace extension's settings and sampling
+        self.tracer = tracer  # where sampled requests' spans go (opentelemetry mode)
         self.shared_memory = shared_memory or SharedMemory(allowed=False)
         self.server_name = server_name
         self.model_control_mode = model_control_mode
@@ -534,6 +540,9 @@ class InferenceService:
         mv.stats.record_success(call.rows, end - call.start, outcome.queue_ns,
                                 call.prepared - call.start + outcome.input_ns, outcome.infer_ns,
                                 outcome.output_ns + end - collected)
+        if self.traces.active and self.tracer is not None and self.traces.sample(mv.name):
+            self.tracer.record(mv.name, mv.version, call.work.id, call.start, call.prepared, outcome.queue_ns,
+                               outcome.input_ns, outcome.infer_ns, outcome.output_ns, end)
 
     def statistics(self, name: str = "", version: str = "") -> dict:
         """The statistics extension: every ready version, one model, or one version of it."""
@@ -552,6 +561,17 @@ class InferenceService:
         """Stop accepting requests and wait for those in flight."""
         self.accepting = False
         await self._idle.wait()
+
+    # ---- trace extension (trace_settings.py, tracing.py) ---------------------------------------
+
+    def trace_setting(self, model: str = "", changes: dict | None = None) -> dict:
+        """The trace settings (a model's, or the global ones), after applying `changes` if any."""
+        if model:
+            try:
+                self.repository.get(model)
+            except NotFound:
+                raise InvalidArgument(f"Request for unknown model : {model}") from None
+        return self.traces.update(changes, model) if changes else self.traces.get(model)
 
     # ---- model repository extension ---------------------------------------------------------------
 

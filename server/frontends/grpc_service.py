@@ -2,8 +2,7 @@
 
 Each method converts the message in, calls the service, converts out. Errors from the tree in
 `server.errors` become the class's gRPC status code in `error_status` (and, on the stream, an
-`error_message` on that request's reply), nowhere else. The methods fuserve does not offer (trace)
-answer UNIMPLEMENTED naming the method. Restricted groups
+`error_message` on that request's reply), nowhere else. Restricted groups
 (--grpc-restricted-protocol, `server/access.py`) are checked before any of this, by the transport's
 `authorize` hook when the call opens (`access.grpc_authorize`, passed to GrpcServer in app.py and
 frontend_worker.py).
@@ -29,7 +28,6 @@ from .grpc_server import Method, Reply
 log = logging.getLogger(__name__)
 
 SERVICE = access.GRPC_SERVICE_PREFIX  # "/inference.GRPCInferenceService/"
-_NOT_OFFERED = ("TraceSetting",)
 
 
 def error_status(exc: BaseException) -> tuple[int, str]:
@@ -201,6 +199,7 @@ class GrpcFrontend:
             "RepositoryModelLoad": (pb.RepositoryModelLoadRequest, self.repository_model_load),
             "RepositoryModelUnload": (pb.RepositoryModelUnloadRequest, self.repository_model_unload),
             "LogSettings": (pb.LogSettingsRequest, self.log_settings),
+            "TraceSetting": (pb.TraceSettingRequest, self.trace_setting),
             "SystemSharedMemoryStatus": (pb.SystemSharedMemoryStatusRequest, self.shm_status),
             "SystemSharedMemoryRegister": (pb.SystemSharedMemoryRegisterRequest, self.shm_register),
             "SystemSharedMemoryUnregister": (pb.SystemSharedMemoryUnregisterRequest, self.shm_unregister),
@@ -211,8 +210,6 @@ class GrpcFrontend:
         methods = {SERVICE + name: Method(cls.FromString, call) for name, (cls, call) in handlers.items()}
         methods.update(GrpcInfer(self.service.infer, self.service.submit, self.service.stream,
                                  self.service.is_decoupled, refused_now=self.service.refused).methods())
-        for name in _NOT_OFFERED:
-            methods[SERVICE + name] = Method(lambda data: data, _not_offered(name))
         return methods
 
     async def server_live(self, request: pb.ServerLiveRequest, ctx: CallContext) -> pb.ServerLiveResponse:
@@ -250,6 +247,22 @@ class GrpcFrontend:
         index = pb.RepositoryIndexResponse.ModelIndex
         rows = self.service.repository_index(request.ready)
         return pb.RepositoryIndexResponse(models=[index(**row) for row in rows])
+
+    async def trace_setting(self, request: pb.TraceSettingRequest, ctx: CallContext) -> pb.TraceSettingResponse:
+        """The trace settings (trace_settings.py): each value a list of strings, an empty list clears."""
+        changes: dict[str, Any] = {}
+        for key, value in request.settings.items():
+            values = list(value.value)
+            if key == "trace_level" or not values:
+                changes[key] = values or None
+            elif len(values) > 1:
+                raise InvalidArgument(f"expect only 1 value for '{key}'")
+            else:
+                changes[key] = values[0]
+        reply = pb.TraceSettingResponse()
+        for key, now in self.service.trace_setting(request.model_name, changes).items():
+            reply.settings[key].value.extend(now if isinstance(now, list) else [now])
+        return reply
 
     async def log_settings(self, request: pb.LogSettingsRequest, ctx: CallContext) -> pb.LogSettingsResponse:
         """The log settings (server/log_settings.py): those the request names are changed first."""
@@ -311,10 +324,3 @@ class GrpcFrontend:
                                       ctx: CallContext) -> pb.RepositoryModelUnloadResponse:
         await self.service.unload_model(request.model_name)
         return pb.RepositoryModelUnloadResponse()
-
-
-def _not_offered(name: str) -> Callable[[Any, CallContext], Awaitable[Any]]:
-    async def call(request: Any, ctx: CallContext) -> Any:
-        raise Unsupported(f"{name} is not supported by fuserve (no trace extension)")
-    return call
-

@@ -122,6 +122,8 @@ class RestFrontend:
             "server_ready": self._server_ready,
             "statistics": self._statistics,
             "logging": self._logging,
+            "trace": self._trace,
+            "model_trace": self._trace,
             "model_metadata": self._metadata,
             "model_ready": self._ready,
             "model_config": self._config,
@@ -166,6 +168,15 @@ class RestFrontend:
         if type(changes) is not dict:
             raise InvalidArgument("the log settings request must be a JSON object")
         return _json(log_settings.update(changes))
+
+    async def _trace(self, request: HttpRequest, model: str = "") -> HttpResponse:
+        """GET: the trace settings (global, or a model's); POST: change those named, then them."""
+        changes = None
+        if request.method == "POST" and request.body.strip():
+            changes = v2_json.loads(request.body, "trace settings request")
+            if type(changes) is not dict:
+                raise InvalidArgument("the trace settings request must be a JSON object")
+        return _json(self.service.trace_setting(model, changes))
 
     async def _statistics(self, request: HttpRequest) -> HttpResponse:
         return _json(self.service.statistics())

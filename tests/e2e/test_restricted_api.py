@@ -242,10 +242,9 @@ def test_every_rpc_is_checked(locked):
             code, details, replies = call(channel, method, [*others, (header, value)])
             assert code != grpc.StatusCode.PERMISSION_DENIED, (method.name, details)
             seen += [details, *(str(r) for r in replies)]
-            if method.name in ("ModelInfer", "ModelStreamInfer", "ServerLive", "ModelConfig", "LogSettings"):
+            if method.name in ("ModelInfer", "ModelStreamInfer", "ServerLive", "ModelConfig", "LogSettings",
+                               "TraceSetting"):
                 assert code == grpc.StatusCode.OK and replies, (method.name, details)
-            if group == "trace":
-                assert code == grpc.StatusCode.UNIMPLEMENTED, (method.name, details)
             if group == "shared-memory":  # served; registering is off, as by default
                 off = method.name.endswith("Register") or method.name.endswith("Unregister")
                 assert code == (grpc.StatusCode.UNIMPLEMENTED if off else grpc.StatusCode.OK), (method.name, details)
