@@ -334,7 +334,8 @@ class InferenceService:
             _failed(mv, start, exc)
             raise
         finally:
-            _release(call)
+            if call is not None and call.lease is not None:
+                call.lease.release()
             self._leave()
 
     async def run_step(self, model: str, version: str, feeds: dict[str, np.ndarray], outputs: tuple[str, ...],
@@ -486,19 +487,16 @@ class InferenceService:
         if self._in_flight == 0:
             self._idle.set()
 
-    def _prepare(self, mv: ModelVersion, request: InferRequest, start: int) -> _Call:
+    def _prepare(self, mv: ModelVersion, request: InferRequest, start: int, lease: Lease | None = None) -> _Call:
         """The request checked against its model, as the Work its scheduler takes. A request that
         names shared memory regions holds them from here (the call's lease) until it is answered."""
-        if not request.shared_memory:
-            return self._checked(mv, request, start, None)
-        lease = self.shared_memory.lease(request)
-        try:
-            return self._checked(mv, request, start, lease)
-        except BaseException:
-            lease.release()
-            raise
-
-    def _checked(self, mv: ModelVersion, request: InferRequest, start: int, lease: Lease | None) -> _Call:
+        if request.shared_memory and lease is None:
+            lease = self.shared_memory.lease(request)
+            try:
+                return self._prepare(mv, request, start, lease)
+            except BaseException:
+                lease.release()
+                raise
         spec = mv.spec
         feeds = _check_inputs(spec, request)
         if mv.check_inputs is not None:

@@ -54,7 +54,7 @@ MAX_REGIONS = 256  # each is a mapping and an open file; bounded, whatever clien
 MAX_NAME = 256
 UNREGISTER_WAIT = 60.0  # seconds an unregister waits for the requests that hold its regions
 NAME_MAX = 255
-_ROOT = "/dev/shm"
+_ROOT = "/dev/shm"  # nosec B108  # where POSIX shared memory objects live; the client names one, it is opened O_NOFOLLOW
 
 
 class Region:
