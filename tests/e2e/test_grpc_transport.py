@@ -70,17 +70,17 @@ def test_large_messages_cross_frames_and_flow_control_windows(server):
         c.close()
 
 
-def test_unknown_and_unoffered_methods_are_unimplemented(server, client):
+def test_unknown_methods_and_refused_extensions_are_unimplemented(server, client):
     with grpc.insecure_channel(server.grpc_url) as channel:
         call = channel.unary_unary("/inference.GRPCInferenceService/NoSuchMethod")
         with pytest.raises(grpc.RpcError) as e:
             call(b"")
         assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
         assert "NoSuchMethod" in e.value.details()
-    with pytest.raises(InferenceServerException) as e:
-        client.get_system_shared_memory_status()
+    with pytest.raises(InferenceServerException) as e:  # every method is served; this one is off here
+        client.register_system_shared_memory("r", "/k", 64)
     assert "UNIMPLEMENTED" in str(e.value.status())
-    assert "SystemSharedMemoryStatus" in e.value.message()
+    assert "Client shared memory is disabled" in e.value.message()
     assert_serving(client)
 
 
