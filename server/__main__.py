@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -38,14 +39,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (default 8001; 0 picks a free one)")
     s.add_argument("--metrics-port", type=int, default=8002,
                    help="Prometheus metrics port (default 8002; always plain HTTP, the TLS flags do not apply)")
-    s.add_argument("--http-address", default="127.0.0.1",
-                   help="address HTTP binds to (default 127.0.0.1; use 0.0.0.0 to serve the network)")
-    s.add_argument("--grpc-address", default="127.0.0.1",
-                   help="address gRPC binds to (default 127.0.0.1; use 0.0.0.0 to serve the network)")
+    # The default address: loopback, unless FUSERVE_ADDRESS says otherwise (the container image
+    # sets 0.0.0.0 there, so that any command it runs serves beyond the container)
+    bind = os.environ.get("FUSERVE_ADDRESS") or "127.0.0.1"
+    s.add_argument("--http-address", default=bind,
+                   help=f"address HTTP binds to (default {bind}, from FUSERVE_ADDRESS or 127.0.0.1; use 0.0.0.0 to "
+                        f"serve the network)")
+    s.add_argument("--grpc-address", default=bind,
+                   help=f"address gRPC binds to (default {bind}, from FUSERVE_ADDRESS or 127.0.0.1; use 0.0.0.0 to "
+                        f"serve the network)")
     s.add_argument("--allow-http", type=_bool, default=True, metavar="BOOL", help="serve HTTP/REST (default true)")
     s.add_argument("--allow-grpc", type=_bool, default=True, metavar="BOOL", help="serve gRPC (default true)")
-    s.add_argument("--metrics-address", default="127.0.0.1",
-                   help="address the metrics endpoint binds to (default 127.0.0.1)")
+    s.add_argument("--metrics-address", default=bind,
+                   help=f"address the metrics endpoint binds to (default {bind}, from FUSERVE_ADDRESS or 127.0.0.1)")
     s.add_argument("--allow-metrics", type=_bool, default=True, metavar="BOOL",
                    help="serve Prometheus metrics on --metrics-port at /metrics (default true)")
     s.add_argument("--allow-client-shm", type=_bool, default=False, metavar="BOOL",

@@ -9,9 +9,21 @@ from server.__main__ import build_parser, config_from_args
 def test_defaults_follow_tritonserver_but_bind_loopback(tmp_path):
     cfg = config_from_args(build_parser().parse_args(["serve", "--model-repository", str(tmp_path)]))
     assert (cfg.http_port, cfg.grpc_port, cfg.metrics_port) == (8000, 8001, 8002)
-    assert cfg.http_address == cfg.grpc_address == "127.0.0.1"
+    assert cfg.http_address == cfg.grpc_address == cfg.metrics_address == "127.0.0.1"
     assert cfg.model_control_mode == "none" and cfg.exit_on_error is False
     assert cfg.max_input_size == 64 * 1024 * 1024
+
+
+def test_fuserve_address_sets_the_default_address_and_flags_still_win(tmp_path, monkeypatch):
+    monkeypatch.setenv("FUSERVE_ADDRESS", "0.0.0.0")  # what the container image sets
+    cfg = config_from_args(build_parser().parse_args(["serve", "--model-repository", str(tmp_path)]))
+    assert cfg.http_address == cfg.grpc_address == cfg.metrics_address == "0.0.0.0"
+    cfg = config_from_args(build_parser().parse_args(["serve", "--model-repository", str(tmp_path),
+                                                      "--grpc-address", "127.0.0.1"]))
+    assert (cfg.http_address, cfg.grpc_address) == ("0.0.0.0", "127.0.0.1")
+    monkeypatch.setenv("FUSERVE_ADDRESS", "")
+    cfg = config_from_args(build_parser().parse_args(["serve", "--model-repository", str(tmp_path)]))
+    assert cfg.http_address == "127.0.0.1"
 
 
 def test_flags(tmp_path):
