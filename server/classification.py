@@ -43,6 +43,8 @@ def count(name: str, parameters: dict) -> int:
 def classify(arr: np.ndarray, k: int, labels: tuple[str, ...], batched: bool) -> np.ndarray:
     """The top `k` of `arr` per batch entry (all of it when not `batched`), as BYTES strings."""
     rows = arr.reshape(arr.shape[0] if batched else 1, -1)
+    if rows.dtype.kind == "V" or rows.dtype.name == "bfloat16":  # ml_dtypes' bfloat16 sorts no NaN in order
+        rows = rows.astype(np.float32)
     classes = rows.shape[1]
     k = min(k, classes)
     # descending and stable (ties in index order), for unsigned types too: sort the reversed row

@@ -25,6 +25,7 @@ The decisions (docs/protocol.md, "Trace"):
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,27 +58,35 @@ def _level(value: Any) -> list[str]:
     return list(dict.fromkeys(value))
 
 
+_INTEGER = re.compile(r"-?[0-9]{1,20}")
+
+
 def _number(key: str, value: Any, low: int, high: int) -> str:
-    if not isinstance(value, str) or not value.lstrip("-").isdigit() or not low <= int(value) <= high:
+    if not isinstance(value, str) or not _INTEGER.fullmatch(value) or not low <= int(value) <= high:
         raise InvalidArgument(f"Unable to parse '{key}': expecting an integer from {low} to {high} as a string, got "
                               f"{value!r}")
     return str(int(value))
 
 
+def check_key(key: str) -> None:
+    """A key a client may set (or clear)."""
+    if key in FIXED_KEYS:
+        what = "trace file location" if key == "trace_file" else f"trace setting '{key}'"
+        raise Unsupported(f"{what} can not be updated through network protocol")
+    if key not in CLIENT_KEYS:
+        raise InvalidArgument(f"unknown trace setting '{key}' (the settings: {', '.join(CLIENT_KEYS)})")
+
+
 def check_value(key: str, value: Any) -> Any:
     """One client setting's value, checked (Triton's shapes: a list of levels, numbers as strings)."""
+    check_key(key)
     if key == "trace_level":
         return _level(value)
     if key == "trace_rate":
         return _number(key, value, 0, 2**32 - 1)
     if key == "trace_count":
         return _number(key, value, -1, 2**31 - 1)
-    if key == "log_frequency":
-        return _number(key, value, 0, 2**32 - 1)
-    if key in FIXED_KEYS:
-        what = "trace file location" if key == "trace_file" else f"trace setting '{key}'"
-        raise Unsupported(f"{what} can not be updated through network protocol")
-    raise InvalidArgument(f"unknown trace setting '{key}' (the settings: {', '.join(CLIENT_KEYS)})")
+    return _number(key, value, 0, 2**32 - 1)  # log_frequency
 
 
 @dataclass
@@ -95,6 +104,7 @@ class TraceSettings:
     start: dict[str, Any] = field(default_factory=dict)  # the command line's settings
     exporter: dict[str, Any] = field(default_factory=dict)  # opentelemetry mode: url, resource, bsp_*
     current: dict[str, Any] = field(default_factory=dict)
+    resources: tuple[str, ...] = ()  # opentelemetry mode: the exporter's resource attributes, "key=value"
     models: dict[str, dict[str, Any]] = field(default_factory=dict)  # model -> the keys it overrides
     samplers: dict[str, Sampler] = field(default_factory=dict)  # "" (global) or a model with overrides
     active: bool = False  # some setting traces: the one flag the request path reads
@@ -118,8 +128,10 @@ class TraceSettings:
 
     def update(self, changes: dict[str, Any], model: str = "") -> dict[str, Any]:
         """Check every change (None clears a key), then apply them all; returns the settings after."""
+        for key in changes:
+            check_key(key)
         checked = {key: None if value is None else check_value(key, value) for key, value in changes.items()}
-        target = self.models.setdefault(model, {}) if model else self.current
+        target = self.models.get(model, {}) if model else self.current
         after = dict(target)
         for key, value in checked.items():
             if value is not None:
@@ -133,11 +145,16 @@ class TraceSettings:
             raise InvalidArgument("Attempting to set invalid trace setting :trace file name is not given (fuserve "
                                   "exports traces to OpenTelemetry only: start it with --trace-config "
                                   "mode=opentelemetry)")
-        target.clear()
-        target.update(after)
-        if model and not target:
-            del self.models[model]
-        self.samplers.pop(model, None)  # a new setting starts counting afresh (as in Triton)
+        if model:
+            if after:
+                self.models[model] = after
+            else:
+                self.models.pop(model, None)
+            self.samplers.pop(model, None)  # a new setting starts counting afresh (as in Triton)
+        else:
+            self.current.clear()
+            self.current.update(after)
+            self.samplers.clear()  # the global settings: every count that follows them starts afresh
         self._refresh()
         return self.get(model)
 
@@ -171,6 +188,7 @@ def from_options(options: list[str]) -> TraceSettings:
     exporter: dict[str, Any] = {}
     mode = "triton"
     levels: list[str] = []
+    resources: list[str] = []
     for option in options:
         section, _, rest = option.partition(",") if "," in option.split("=", 1)[0] else ("", "", option)
         key, sep, value = rest.partition("=")
@@ -180,8 +198,15 @@ def from_options(options: list[str]) -> TraceSettings:
             if key not in EXPORTER_DEFAULTS:
                 raise TraceConfigError(f"--trace-config {option!r}: opentelemetry settings are "
                                        f"{', '.join(EXPORTER_DEFAULTS)}")
-            if key == "resource" and "resource" in exporter:
-                value = f"{exporter['resource']},{value}"
+            if key == "resource":
+                if "=" not in value:
+                    raise TraceConfigError(f"--trace-config {option!r}: a resource is key=value")
+                resources.append(value)
+                value = ",".join(resources)
+            elif key == "url" and not value:
+                raise TraceConfigError(f"--trace-config {option!r}: the url is empty")
+            elif key.startswith("bsp_") and not (value.isascii() and value.isdigit() and int(value) > 0):
+                raise TraceConfigError(f"--trace-config {option!r}: {key} is a positive integer")
             exporter[key] = value
         elif section == "triton":
             raise TraceConfigError(f"--trace-config {option!r}: fuserve writes no trace files; export to "
@@ -212,4 +237,7 @@ def from_options(options: list[str]) -> TraceSettings:
     if mode != "opentelemetry" and start.get("trace_level", ["OFF"]) != ["OFF"]:
         raise TraceConfigError("--trace-config level: tracing needs --trace-config mode=opentelemetry (fuserve "
                                "writes no trace files)")
-    return TraceSettings(mode, start, {**EXPORTER_DEFAULTS, **exporter} if mode == "opentelemetry" else {})
+    if mode != "opentelemetry":
+        return TraceSettings(mode, start)
+    return TraceSettings(mode, start, {**EXPORTER_DEFAULTS, **exporter},
+                         resources=tuple(resources) or (EXPORTER_DEFAULTS["resource"],))

@@ -38,7 +38,7 @@ class Tracer:
         self.settings = settings
         ex = settings.exporter
         url = ex["url"] if "://" in ex["url"] else f"http://{ex['url']}"
-        attributes = dict(kv.split("=", 1) for kv in ex["resource"].split(",") if "=" in kv)
+        attributes = dict(kv.split("=", 1) for kv in settings.resources)
         self.provider = TracerProvider(resource=Resource.create(attributes))
         self.provider.add_span_processor(BatchSpanProcessor(
             OTLPSpanExporter(endpoint=url), max_queue_size=int(ex["bsp_max_queue_size"]),
