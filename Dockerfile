@@ -47,7 +47,7 @@ ENV PATH=/opt/fuserve/bin:$PATH \
     PYTHONUNBUFFERED=1
 WORKDIR /models
 EXPOSE 8000 8001 8002
-USER 1000:1000
+USER 10001:10001
 HEALTHCHECK --interval=10s --timeout=3s --start-period=30s \
     CMD ["python3", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/v2/health/ready', timeout=2)"]
 # Exec form: fuserve is PID 1 and gets SIGTERM itself (readiness off, requests in flight drain).
