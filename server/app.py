@@ -15,7 +15,7 @@ import logging
 import signal
 import socket
 
-from . import log_settings, tls, trace_settings
+from . import bare_layout, log_settings, tls, trace_settings
 from .access import grpc_authorize
 from .backends.python import pb_utils
 from .config import ServerConfig
@@ -98,7 +98,10 @@ async def serve(config: ServerConfig) -> int:
     except tls.TlsError as exc:
         log.error("cannot start: %s", exc)
         return 1
-    repository = Repository(config.model_repositories, default_max_batch_size=config.default_max_batch_size,
+    roots = bare_layout.Roots(config.model_repositories)  # a root that is one model (KServe's /mnt/models)
+    for given, name in roots.named:
+        log.info("serving %s as the model '%s' (a model, not a repository of them)", given, name)
+    repository = Repository(tuple(roots.roots), default_max_batch_size=config.default_max_batch_size,
                             auto_complete=not config.disable_auto_complete_config,
                             histograms=config.allow_metrics)
     # Client regions are mapped in this process, where the models read and write them; frontend
@@ -119,6 +122,7 @@ async def serve(config: ServerConfig) -> int:
     if errors and config.exit_on_error:
         log.error("exiting: %d model(s) failed to load and --exit-on-error is set", len(errors))
         await repository.close()
+        roots.close()
         return 1
 
     http: HttpServer | None = None
@@ -166,6 +170,7 @@ async def serve(config: ServerConfig) -> int:
         for sock in shared.values():
             sock.close()
         await repository.close()
+        roots.close()
         return 1
 
     # The objects built so far live as long as the process: keep the garbage collector off them, and
@@ -199,6 +204,7 @@ async def serve(config: ServerConfig) -> int:
     with contextlib.suppress(asyncio.TimeoutError):
         await asyncio.wait_for(repository.close(), 5.0)
     service.shared_memory.close()
+    roots.close()
     if tracer is not None:
         await asyncio.to_thread(tracer.close)
     log.info("fuserve stopped")
