@@ -104,10 +104,10 @@ async def serve(config: ServerConfig) -> int:
     repository = Repository(tuple(roots.roots), default_max_batch_size=config.default_max_batch_size,
                             auto_complete=not config.disable_auto_complete_config,
                             histograms=config.allow_metrics)
-    # Client regions are mapped in this process, where the models read and write them; frontend
-    # workers pass the references on untouched (docs/protocol.md, "Shared memory")
     traces = trace_settings.from_options(list(config.trace_config))
     tracer = Tracer(traces) if traces.mode == "opentelemetry" else None
+    # Client regions are mapped in this process, where the models read and write them; frontend
+    # workers pass the references on untouched (docs/protocol.md, "Shared memory")
     service = InferenceService(repository, model_control_mode=config.model_control_mode,
                                server_name=config.server_name,
                                shared_memory=SharedMemory(config.allow_client_shm), traces=traces, tracer=tracer)

@@ -42,7 +42,7 @@ class Roots:
     """The repository roots to serve: each given root, or for one that is a single model, a
     private directory of symlinks holding it in Triton's layout. Remove them with `close`."""
 
-    def __init__(self, roots: tuple[Path, ...], name: str | None = None) -> None:
+    def __init__(self, roots: tuple[Path, ...]) -> None:
         self._made: list[Path] = []
         self.roots: list[Path] = []
         self.named: list[tuple[Path, str]] = []  # (given root, the model it serves) for the log
@@ -51,7 +51,7 @@ class Roots:
             if layout == "repository":
                 self.roots.append(root)
                 continue
-            model = name or os.environ.get("FUSERVE_MODEL_NAME") or root.resolve().name
+            model = os.environ.get("FUSERVE_MODEL_NAME") or root.resolve().name
             shadow = Path(tempfile.mkdtemp(prefix="fuserve_repo_"))
             self._made.append(shadow)
             folder = shadow / model

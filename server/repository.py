@@ -311,15 +311,17 @@ class Repository:
         plan = plan_ensemble(config, specs, where)
         built: dict[int, _Built] = {}
         for version in select_versions(model_dir, config):
-            spec = build_spec(config, ENSEMBLE_PLATFORM, (), where)
+            spec = build_spec(config, ENSEMBLE_PLATFORM, (), where, model_dir / str(version))
             built[version] = _Built(spec, [], 0.0, plan, specs)
         return built
 
-    def ensemble_dependencies(self, name: str, config_override: str | None = None) -> list[str]:
+    def ensemble_dependencies(self, name: str, config_override: str | None = None,
+                              model_dir: Path | None = None) -> list[str]:
         """The step models an ensemble needs loaded first ([] for any other model, or one that
-        cannot be read: its load reports why)."""
+        cannot be read: its load reports why). `model_dir`: where it is, when not in the
+        repository (files a load request sent)."""
         try:
-            config, _ = self._read(name, self.model_dir(name), config_override)
+            config, _ = self._read(name, model_dir or self.model_dir(name), config_override)
         except Exception:
             return []
         if config.platform != ENSEMBLE_PLATFORM:
@@ -373,7 +375,7 @@ class Repository:
     async def _load(self, name: str, model_dir: Path, config_override: str | None, files: Path | None) -> None:
         if not _valid_name(name):
             raise InvalidArgument(f"invalid model name '{name}'")
-        for dependency in await asyncio.to_thread(self.ensemble_dependencies, name, config_override):
+        for dependency in await asyncio.to_thread(self.ensemble_dependencies, name, config_override, model_dir):
             entry = self._models.get(dependency)
             if dependency != name and dependency not in self._loading and (entry is None or not entry.versions):
                 with contextlib.suppress(Exception):  # the ensemble's own load names what is missing

@@ -155,9 +155,9 @@ def _response(mv: ModelVersion, request: InferRequest, names: Sequence[str],
     tensors = [Tensor(name, index[name].datatype, (arr := outputs[name]).shape, arr) for name in names]
     if lease is not None and lease.outputs:
         for t in tensors:
-            if lease.write(t):  # written into the client's region: only its name, datatype and shape go back
-                t.data = IN_REGION
-                t.region = next(o.region for o in request.outputs if o.name == t.name)
+            ref = lease.write(t)
+            if ref is not None:  # written into the client's region: only its name, datatype and shape go back
+                t.data, t.region = IN_REGION, ref
     return InferResponse(model_name=mv.spec.name, model_version=str(mv.version), outputs=tensors, id=request.id)
 
 
@@ -334,8 +334,7 @@ class InferenceService:
             _failed(mv, start, exc)
             raise
         finally:
-            if call is not None and call.lease is not None:
-                call.lease.release()
+            _release(call)
             self._leave()
 
     async def run_step(self, model: str, version: str, feeds: dict[str, np.ndarray], outputs: tuple[str, ...],
@@ -394,9 +393,6 @@ class InferenceService:
         pending = None
         call = None
         try:
-            if request.shared_memory and any(o.region is not None for o in request.outputs):
-                raise InvalidArgument(f"model '{mv.spec.name}' is decoupled: its outputs cannot be written to "
-                                      f"shared memory, since each of its responses would overwrite the last")
             call = self._prepare(mv, request, start)
             call.work.respond, call.work.is_cancelled = sink.respond, sink.cancelled
             call.work.runner = runner
@@ -510,6 +506,9 @@ class InferenceService:
                                           f"(its outputs: {', '.join(spec.output_index)})")
                 if o.parameters and "classification" in o.parameters:
                     classes = _classes(mv, o, classes)
+                if o.region is not None and mv.decoupled:
+                    raise InvalidArgument(f"model '{spec.name}' is decoupled: its outputs cannot be written to "
+                                          f"shared memory, since each of its responses would overwrite the last")
                 names.append(o.name)
         else:
             names = list(spec.output_index)
@@ -589,7 +588,7 @@ class InferenceService:
         self._check_explicit("load")
         parameters = parameters or {}
         files = model_files.file_parameters(parameters)
-        unknown = set(parameters) - {"config"} - {model_files.PREFIX + path for path in files}
+        unknown = {key for key in parameters if key != "config" and not key.startswith(model_files.PREFIX)}
         if unknown:
             raise Unsupported(f"unsupported load parameter(s): {', '.join(sorted(unknown))} "
                               f"(fuserve supports 'config' and 'file:<path>')")

@@ -113,17 +113,14 @@ def _close(mapped: mmap.mmap, name: str, retried: float) -> None:
     `close` refuse: then the garbage collector is run and, if that is not enough, it is tried again
     later (after 1 s, doubling up to a minute), for as long as it takes. Until then the mapping
     stays, so no array ever loses its memory."""
-    try:
-        mapped.close()
-        return
-    except BufferError:
-        pass
-    gc.collect()
-    try:
-        mapped.close()
-        return
-    except BufferError:
-        pass
+    for collect in (False, True):
+        if collect:
+            gc.collect()
+        try:
+            mapped.close()
+            return
+        except BufferError:
+            pass
     delay = min(60.0, max(1.0, retried * 2))
     log.debug("shared memory region '%s' is still viewed; trying to unmap it again in %.0fs", name, delay)
     with contextlib.suppress(RuntimeError):  # no loop (shutdown): it goes with the last view, or the process
@@ -137,7 +134,8 @@ class Lease:
 
     def __init__(self) -> None:
         self.regions: list[Region] = []
-        self.outputs: dict[str, tuple[Region, int, int]] = {}  # output name -> region, start, capacity
+        # output name -> its region, where it starts in the mapping, its capacity, and the client's reference
+        self.outputs: dict[str, tuple[Region, int, int, RegionRef]] = {}
 
     def hold(self, region: Region) -> None:
         region.refs += 1
@@ -148,12 +146,12 @@ class Lease:
         for region in regions:
             region.release()
 
-    def write(self, tensor: Tensor) -> bool:
-        """Write an output into its region, if the request put it in one: True when it did."""
+    def write(self, tensor: Tensor) -> RegionRef | None:
+        """Write an output into its region, if the request put it in one: then that region's reference."""
         place = self.outputs.get(tensor.name)
         if place is None:
-            return False
-        region, start, capacity = place
+            return None
+        region, start, capacity, ref = place
         arr = tensor.data
         mapped = region.map
         if mapped is None:  # cannot happen while this lease holds the region; never write blind
@@ -166,7 +164,7 @@ class Lease:
             _fits(tensor.name, arr.nbytes, capacity)
             dst = np.frombuffer(mapped, dtype=arr.dtype, count=arr.size, offset=start)
             np.copyto(dst.reshape(arr.shape), arr, casting="no")
-        return True
+        return ref
 
 
 def _fits(name: str, need: int, capacity: int) -> None:
@@ -203,9 +201,13 @@ class SharedMemory:
         self.root = root
         self._regions: dict[str, Region] = {}
 
-    def register(self, name: str, key: Any, offset: Any, byte_size: Any) -> None:
+    def check_allowed(self) -> None:
+        """Refuse a register or unregister while client shared memory is off (Triton's text)."""
         if not self.allowed:
             raise Unsupported(DISABLED)
+
+    def register(self, name: str, key: Any, offset: Any, byte_size: Any) -> None:
+        self.check_allowed()
         if not name:
             raise InvalidArgument("'region name' is necessary to register system shared memory region")
         if len(name) > MAX_NAME:
@@ -253,8 +255,7 @@ class SharedMemory:
         """Unregister one region (an unknown name is no error, as in Triton) or all of them. The
         regions leave the table at once; each is unmapped when the last request holding it is done,
         and this waits for that (at most UNREGISTER_WAIT seconds: then Unavailable, saying so)."""
-        if not self.allowed:
-            raise Unsupported(DISABLED)
+        self.check_allowed()
         if name:
             region = self._regions.pop(name, None)
             gone = [region] if region is not None else []
@@ -315,7 +316,7 @@ class SharedMemory:
                 ref = o.region
                 if ref is not None:
                     region = self._held(lease, ref)
-                    lease.outputs[o.name] = (region, region.span(ref.offset, ref.byte_size), ref.byte_size)
+                    lease.outputs[o.name] = (region, region.span(ref.offset, ref.byte_size), ref.byte_size, ref)
         except BaseException:
             lease.release()
             raise
@@ -324,8 +325,7 @@ class SharedMemory:
     # ---- CUDA shared memory: not served; its calls answer as a server with no CUDA region -------
 
     def cuda_register(self, name: str) -> None:
-        if not self.allowed:
-            raise Unsupported(DISABLED)
+        self.check_allowed()
         raise Unsupported(f"failed to register CUDA shared memory region '{name}': CUDA shared memory is not "
                           f"supported by this server; use system shared memory")
 
@@ -338,5 +338,4 @@ class SharedMemory:
         return []
 
     def cuda_unregister(self, name: str = "") -> None:
-        if not self.allowed:
-            raise Unsupported(DISABLED)
+        self.check_allowed()

@@ -6,8 +6,8 @@ Settings, with Triton 2.51's names, shapes and defaults: `trace_level` (a list: 
 ["TIMESTAMPS"]), `trace_rate` (a string: one request in N is traced, "1000"), `trace_count` (a
 string: how many more traces, "-1" unlimited; it counts down), `trace_mode` ("triton" or
 "opentelemetry", start-up only), and, in opentelemetry mode, the exporter's `url`, `resource`
-and batch span processor settings (start-up only); in triton mode `log_frequency` and
-`trace_file` (always "": fuserve writes no trace files).
+and batch span processor settings (start-up only); in triton mode `log_frequency` ("0") and
+`trace_file` (""): reported, never settable, since fuserve writes no trace files.
 
 The decisions (docs/protocol.md, "Trace"):
 - No client can set a path or a URL (CVE-2024-0087/0100: Triton's trace file setting let a client
@@ -32,7 +32,7 @@ from typing import Any
 from .errors import InvalidArgument, Unsupported
 
 LEVELS = ("OFF", "TIMESTAMPS", "TENSORS")
-CLIENT_KEYS = ("trace_level", "trace_rate", "trace_count", "log_frequency")
+CLIENT_KEYS = ("trace_level", "trace_rate", "trace_count")
 FIXED_KEYS = ("trace_file", "trace_mode", "url", "resource", "bsp_schedule_delay", "bsp_max_export_batch_size",
               "bsp_max_queue_size")
 # The exporter's settings (opentelemetry mode): Triton's defaults for its batch span processor
@@ -73,27 +73,21 @@ def check_key(key: str) -> None:
     if key in FIXED_KEYS:
         what = "trace file location" if key == "trace_file" else f"trace setting '{key}'"
         raise Unsupported(f"{what} can not be updated through network protocol")
+    if key == "log_frequency":  # reported as Triton does, never acted on: it would rotate trace files
+        raise Unsupported("trace setting 'log_frequency' says how often trace files are written, and fuserve "
+                          "writes none (its traces go to OpenTelemetry)")
     if key not in CLIENT_KEYS:
         raise InvalidArgument(f"unknown trace setting '{key}' (the settings: {', '.join(CLIENT_KEYS)})")
 
 
 def check_value(key: str, value: Any) -> Any:
-    """One client setting's value, checked (Triton's shapes: a list of levels, numbers as strings)."""
-    check_key(key)
+    """One setting's value (a key check_key let through), checked: Triton's shapes, a list of
+    levels and numbers as strings."""
     if key == "trace_level":
         return _level(value)
     if key == "trace_rate":
         return _number(key, value, 0, 2**32 - 1)
-    if key == "trace_count":
-        return _number(key, value, -1, 2**31 - 1)
-    return _number(key, value, 0, 2**32 - 1)  # log_frequency
-
-
-@dataclass
-class Sampler:
-    """One set of settings' sampling state: every rate-th request, while the count lasts."""
-
-    seen: int = 0
+    return _number(key, value, -1, 2**31 - 1)  # trace_count
 
 
 @dataclass
@@ -106,7 +100,8 @@ class TraceSettings:
     current: dict[str, Any] = field(default_factory=dict)
     resources: tuple[str, ...] = ()  # opentelemetry mode: the exporter's resource attributes, "key=value"
     models: dict[str, dict[str, Any]] = field(default_factory=dict)  # model -> the keys it overrides
-    samplers: dict[str, Sampler] = field(default_factory=dict)  # "" (global) or a model with overrides
+    # requests seen by each set of settings: "" (the global ones) or a model with overrides
+    seen: dict[str, int] = field(default_factory=dict)
     active: bool = False  # some setting traces: the one flag the request path reads
 
     def __post_init__(self) -> None:
@@ -150,11 +145,11 @@ class TraceSettings:
                 self.models[model] = after
             else:
                 self.models.pop(model, None)
-            self.samplers.pop(model, None)  # a new setting starts counting afresh (as in Triton)
+            self.seen.pop(model, None)  # a new setting starts counting afresh (as in Triton)
         else:
             self.current.clear()
             self.current.update(after)
-            self.samplers.clear()  # the global settings: every count that follows them starts afresh
+            self.seen.clear()  # the global settings: every count that follows them starts afresh
         self._refresh()
         return self.get(model)
 
@@ -173,9 +168,8 @@ class TraceSettings:
         if s["trace_level"] == ["OFF"]:
             return False
         rate, count = int(s["trace_rate"]), int(s["trace_count"])
-        sampler = self.samplers.setdefault(key, Sampler())
-        sampler.seen += 1
-        if rate == 0 or sampler.seen % rate or count == 0:
+        seen = self.seen[key] = self.seen.get(key, 0) + 1
+        if rate == 0 or seen % rate or count == 0:
             return False
         if count > 0:  # the count shown afterwards is what is left
             (own if own is not None and "trace_count" in own else self.current)["trace_count"] = str(count - 1)

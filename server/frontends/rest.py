@@ -48,6 +48,16 @@ def _json(obj: object) -> HttpResponse:
     return HttpResponse(200, orjson.dumps(obj))
 
 
+def _json_object(request: HttpRequest, what: str) -> dict:
+    """A request body that must be a JSON object ({} for an empty body)."""
+    if not request.body.strip():
+        return {}
+    body = v2_json.loads(request.body, what)
+    if type(body) is not dict:
+        raise InvalidArgument(f"the {what} must be a JSON object")
+    return body
+
+
 # Called with the model's name and version and the reason when an infer request cannot be decoded:
 # raises NotFound for an unknown model, else counts the failure and raises the reason
 # (InferenceService.refused, or in a frontend worker its call over the link).
@@ -164,18 +174,11 @@ class RestFrontend:
         """GET: the log settings; POST: change those the JSON object names, then the settings."""
         if request.method == "GET":
             return _json(log_settings.current())
-        changes = v2_json.loads(request.body, "log settings request") if request.body.strip() else {}
-        if type(changes) is not dict:
-            raise InvalidArgument("the log settings request must be a JSON object")
-        return _json(log_settings.update(changes))
+        return _json(log_settings.update(_json_object(request, "log settings request")))
 
     async def _trace(self, request: HttpRequest, model: str = "") -> HttpResponse:
         """GET: the trace settings (global, or a model's); POST: change those named, then them."""
-        changes = None
-        if request.method == "POST" and request.body.strip():
-            changes = v2_json.loads(request.body, "trace settings request")
-            if type(changes) is not dict:
-                raise InvalidArgument("the trace settings request must be a JSON object")
+        changes = _json_object(request, "trace settings request") if request.method == "POST" else None
         return _json(self.service.trace_setting(model, changes))
 
     async def _statistics(self, request: HttpRequest) -> HttpResponse:
@@ -255,11 +258,8 @@ class RestFrontend:
 
     async def _shm_register(self, request: HttpRequest, region: str = "") -> HttpResponse:
         shm = self.service.shared_memory
-        if not shm.allowed:  # refused before the body is read: nothing is mapped, nothing echoed
-            shm.register(region, None, None, None)
-        body = v2_json.loads(request.body, "shared memory register request")
-        if type(body) is not dict:
-            raise InvalidArgument("the shared memory register request must be a JSON object")
+        shm.check_allowed()  # refused before the body is read: nothing is mapped, nothing echoed
+        body = _json_object(request, "shared memory register request")
         for field in ("key", "byte_size"):
             if field not in body:
                 raise InvalidArgument(f"Shared memory register request has no '{field}' field")
@@ -293,21 +293,13 @@ class RestFrontend:
 
     @staticmethod
     def _load_parameters(request: HttpRequest) -> dict:
-        if not request.body.strip():
-            return {}
-        body = v2_json.loads(request.body, "load request")
-        params = body.get("parameters", {}) if isinstance(body, dict) else None
+        params = _json_object(request, "load request").get("parameters", {})
         if not isinstance(params, dict):
             raise InvalidArgument("the load request must be a JSON object with an optional 'parameters' object")
         return params
 
     async def _index(self, request: HttpRequest) -> HttpResponse:
-        ready_only = False
-        if request.body.strip():
-            body = v2_json.loads(request.body)
-            if not isinstance(body, dict):
-                raise InvalidArgument("the repository index request must be a JSON object")
-            ready_only = bool(body.get("ready", False))
+        ready_only = bool(_json_object(request, "repository index request").get("ready", False))
         return _json(self.service.repository_index(ready_only))
 
 

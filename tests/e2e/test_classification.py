@@ -23,6 +23,14 @@ def labelled(start_server, test_repo, tmp_path_factory):
                  'input [ { name: "INPUT", data_type: TYPE_FP32, dims: [ 4 ] } ]\n'
                  'output [ { name: "OUTPUT", data_type: TYPE_FP32, dims: [ 4 ], label_filename: "labels.txt" } ]\n')
     (repo / "labelled" / "labels.txt").write_text("cat\ndog\nbird\n")
+    # an ensemble of it, with labels of its own
+    (repo / "labelled_ensemble" / "1").mkdir(parents=True)
+    write_config(repo / "labelled_ensemble", 'platform: "ensemble"\nmax_batch_size: 4\n'
+                 'input [ { name: "X", data_type: TYPE_FP32, dims: [ 4 ] } ]\n'
+                 'output [ { name: "Y", data_type: TYPE_FP32, dims: [ 4 ], label_filename: "names.txt" } ]\n'
+                 'ensemble_scheduling { step [ { model_name: "labelled" model_version: -1 '
+                 'input_map { key: "INPUT" value: "X" } output_map { key: "OUTPUT" value: "Y" } } ] }\n')
+    (repo / "labelled_ensemble" / "names.txt").write_text("a\nb\nc\nd\n")
     return start_server([test_repo, repo])
 
 
@@ -105,3 +113,10 @@ def test_a_label_file_outside_the_model_directory_fails_the_load(start_server, t
     server = start_server(tmp_path, "--model-control-mode", "explicit")
     status, _, body = server.request("POST", "/v2/repository/models/escaping/load", b"")
     assert status == 400 and "label_filename '../x.txt' must name a file in the model directory" in body.decode()
+
+
+def test_an_ensemble_s_output_uses_its_own_labels(labelled):
+    body = {"inputs": [{"name": "X", "shape": [1, 4], "datatype": "FP32", "data": [1.0, 3.0, 2.0, 0.0]}],
+            "outputs": [{"name": "Y", "parameters": {"classification": 2}}]}
+    status, got = _post(labelled, "labelled_ensemble", body)
+    assert status == 200 and got["outputs"][0]["data"] == ["3.500000:1:b", "2.500000:2:c"], got

@@ -250,6 +250,28 @@ def test_register_sizes_and_fields_are_checked(shm_server, regions, body, status
     assert not _mapped(shm_server.proc.pid, _key(handle))
 
 
+def test_how_many_regions_and_how_long_a_name(shm_server, regions):
+    """At most MAX_REGIONS (256) regions, names of at most 256 characters (docs/protocol.md)."""
+    name, handle = regions(64)
+    channel, stub = _grpc_stub(shm_server)
+    try:
+        def register(region: str):
+            return stub.SystemSharedMemoryRegister(service_pb2.SystemSharedMemoryRegisterRequest(
+                name=region, key=_key(handle), byte_size=64), timeout=WAIT)
+
+        with pytest.raises(grpc.RpcError, match="at most 256 characters"):
+            register("n" * 257)
+        register("n" * 256)
+        for i in range(255):
+            register(f"r{i}")
+        with pytest.raises(grpc.RpcError, match="256 regions are registered, the most this server holds"):
+            register("one_too_many")
+    finally:
+        stub.SystemSharedMemoryUnregister(service_pb2.SystemSharedMemoryUnregisterRequest(), timeout=WAIT)
+        channel.close()
+    assert not _mapped(shm_server.proc.pid, _key(handle))
+
+
 # ---- inference through regions -----------------------------------------------------------------------
 
 

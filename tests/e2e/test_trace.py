@@ -160,6 +160,7 @@ def test_grpc_trace_setting(traced):
     ({"url": "evil.example:4318/v1/traces"}, 501, "trace setting 'url' can not be updated"),
     ({"resource": "a=b"}, 501, "trace setting 'resource' can not be updated"),
     ({"trace_mode": "triton"}, 501, "trace setting 'trace_mode' can not be updated"),
+    ({"log_frequency": "10"}, 501, "fuserve writes none"),
     ({"trace_rate": "12abc"}, 400, "Unable to parse 'trace_rate'"),
     ({"trace_rate": "--5"}, 400, "Unable to parse 'trace_rate'"),
     ({"trace_count": "\u00b2"}, 400, "Unable to parse 'trace_count'"),

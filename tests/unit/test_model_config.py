@@ -174,3 +174,4 @@ def test_what_fuserve_implements_loads_and_triton_defaults_round_trip():
         'parameters { key: "k" value: { string_value: "v" } }', ModelConfig())
     refuse_unimplemented(config, "m")  # nothing raised
     assert unimplemented_fields(config) == []
+
