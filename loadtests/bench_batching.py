@@ -1,16 +1,20 @@
 #!/usr/bin/env python3
 """Dynamic batching on and off, beside the in-process limit, in one run.
 
-For each model, starts `fuserve serve` pinned to one core with two copies of the model (one with
-`dynamic_batching { }`, one without; max_batch_size 64, onnxruntime on one thread), drives each at
-fixed concurrencies from another core (wrk for V2 JSON and V2 binary over HTTP/1.1 keep-alive,
-h2load for gRPC; one row per request, every reply checked), and reads the server-side split
-(queue, compute, mean batch size) from the statistics extension. Then it times onnxruntime called
+For each model, starts `fuserve serve` pinned to one core with copies of the model (one with
+`dynamic_batching { }`, or one per --batching given; and one without; max_batch_size 64,
+onnxruntime on one thread), drives each at fixed concurrencies from another core (wrk for V2
+JSON and V2 binary over HTTP/1.1 keep-alive, h2load for gRPC; one row per request, every reply
+checked), and reads the server-side split (queue, compute, mean batch size) from the statistics
+extension. Then it times onnxruntime called
 directly on the same core at batch sizes 1..64: the in-process limit. Prints a Markdown table.
 
     apt-get install wrk nghttp2-client          # the load generators (wrk, h2load)
     python loadtests/bench_batching.py --models mlp,minilm --concurrency 1,64 --duration 8
     python loadtests/bench_batching.py --models add_sub --protocols json,binary,grpc
+    python loadtests/bench_batching.py --models minilm --concurrency 64 --duration 30 --no-unbatched \
+        --batching 'dynamic_batching { }' --batching 'dynamic_batching { }
+        parameters { key: "fuserve_batch_learning" value: { string_value: "false" } }'
 
 Needs the example models (python model_repo/generate.py) and two cores for the pinning.
 """
@@ -92,11 +96,19 @@ def wait_ready(port: int, server: subprocess.Popen, timeout: float = 120.0) -> N
         time.sleep(0.1)
 
 
-def build_repo(model: str, repo: Path, batching: str = "dynamic_batching { }") -> None:
+def variant_name(i: int) -> str:
+    return "batched" if i == 0 else f"batched{i}"
+
+
+def build_repo(model: str, repo: Path, variants: tuple[str, ...] = ("dynamic_batching { }",)) -> None:
+    """`<model>_unbatched`, and `<model>_batched`, `<model>_batched1`, ... with the scheduling
+    blocks in `variants`."""
     src = ROOT / "model_repo" / model / "1" / "model.onnx"
     if not src.exists():
         subprocess.run([sys.executable, str(ROOT / "model_repo" / "generate.py"), "--models", model], check=True)
-    for name, extra in ((f"{model}_batched", batching + "\n"), (f"{model}_unbatched", "")):
+    copies = [(f"{model}_{variant_name(i)}", block + "\n") for i, block in enumerate(variants)]
+    copies.append((f"{model}_unbatched", ""))
+    for name, extra in copies:
         (repo / name / "1").mkdir(parents=True)
         shutil.copy(src, repo / name / "1" / "model.onnx")
         (repo / name / "config.pbtxt").write_text(f"max_batch_size: 64\n{THREADS}{extra}")
@@ -215,10 +227,13 @@ def main() -> None:
     ap.add_argument("--client-cpu", default="0", help="taskset list for wrk")
     ap.add_argument("--protocols", default="json",
                     help="comma-separated: json (V2 JSON), binary (V2 binary extension), "
-                         "grpc (h2load; the batched copy only)")
-    ap.add_argument("--batching", default="dynamic_batching { }",
-                    help="the batched copy's scheduling block, e.g. 'dynamic_batching { preferred_batch_size: [2] }'")
+                         "grpc (h2load; the first batched copy only)")
+    ap.add_argument("--batching", action="append",
+                    help="a batched copy's scheduling block (repeat to compare several side by side), e.g. "
+                         "'dynamic_batching { preferred_batch_size: [2] }'; default 'dynamic_batching { }'")
+    ap.add_argument("--no-unbatched", action="store_true", help="skip the copy without dynamic batching")
     a = ap.parse_args()
+    variants = tuple(a.batching or ["dynamic_batching { }"])
     if not shutil.which("wrk"):
         sys.exit("wrk not found: apt-get install wrk")
     concurrencies = [int(c) for c in a.concurrency.split(",")]
@@ -228,7 +243,7 @@ def main() -> None:
         body, marker = SAMPLES[model]()
         with tempfile.TemporaryDirectory() as tmp:
             repo = Path(tmp) / "repo"
-            build_repo(model, repo, a.batching)
+            build_repo(model, repo, variants)
             files = bodies(Path(tmp), body, model)
             port, grpc_port = free_port(), free_port()
             log = open(Path(tmp) / "server.log", "wb")  # noqa: SIM115 (lives as long as the server)
@@ -239,7 +254,12 @@ def main() -> None:
             try:
                 wait_ready(port, server)
                 for protocol in a.protocols.split(","):
-                    for variant in ("unbatched", "batched") if protocol != "grpc" else ("batched",):
+                    labels = {variant_name(i): block for i, block in enumerate(variants)}
+                    if protocol == "grpc":  # the request body names the first copy
+                        labels = {"batched": variants[0]}
+                    elif not a.no_unbatched:
+                        labels = {"unbatched": "off", **labels}
+                    for variant, label in labels.items():
                         name = f"{model}_{variant}"
                         path, header_length = files[protocol]
                         for c in concurrencies:
@@ -261,7 +281,7 @@ def main() -> None:
                                 succeeded = after["inference_stats"]["success"]["count"]
                                 served = succeeded - before["inference_stats"]["success"]["count"]
                                 r["bad"] += max(0, r["ok"] - served - c)
-                            rows.append({"model": model, "protocol": protocol, "batching": variant == "batched",
+                            rows.append({"model": model, "protocol": protocol, "batching": label,
                                          "c": c, "rps": rps, "p50_ms": r["p50_us"] / 1e3, "p90_ms": r["p90_us"] / 1e3,
                                          "p99_ms": r["p99_us"] / 1e3, "failed": r["bad"] + r["errors"], **split})
                             print(json.dumps(rows[-1]), file=sys.stderr)
@@ -280,7 +300,7 @@ def main() -> None:
         best = max(lim.values())
         # the in-process rate at the largest measured batch size not above the server's mean batch
         at = lim[max(b for b in lim if b <= max(1.0, r["batch"]))]
-        mode = "on" if r["batching"] else "off"
+        mode = r["batching"]
         print(f"| {r['model']} | {r['protocol']} | {mode} | {r['c']} | {r['rps']:,.0f} | "
               f"{r['p50_ms']:.2f} | {r['p90_ms']:.2f} | {r['p99_ms']:.2f} | {r['failed']} | {r['batch']:.1f} | "
               f"{r['queue_us']:,.0f} | {r['infer_us']:,.0f} | {at:,.0f} | {r['rps'] / at:.2f} | "

@@ -190,8 +190,16 @@ class ServerMetrics:
                                                "Responses a decoupled model sent per request",
                                                labels=["model", "version"]),
         }
+        cost = _gauge("fuserve_batch_cost_us",
+                      "Learned mean execution time of a batch, per batch-size bucket, microseconds")
+        target = _gauge("fuserve_batch_size_target", "Rows the dynamic batcher forms when enough are queued")
         for mv in versions:
             labels = {"model": mv.name, "version": str(mv.version)}
+            if mv.stats.cost_view is not None:
+                view = mv.stats.cost_view()
+                target.add_sample(target.name, labels, view["batch_size"])
+                for bucket in view["buckets"]:
+                    cost.add_sample(cost.name, {**labels, "batch_size": str(bucket["batch_size"])}, bucket["mean_us"])
             if mv.decoupled and mv.stats.histograms is not None:
                 for key, family in streams.items():
                     h = mv.stats.histograms[key]
@@ -211,7 +219,7 @@ class ServerMetrics:
                     h = s.histograms[key]
                     fam.add_metric([mv.name, str(mv.version)], buckets=h.cumulative(), sum_value=h.total)
         yield from (success, failure, count, execs, pending, *durations.values(), load, *hists.values(),
-                    *streams.values())
+                    *streams.values(), cost, target)
         yield from self._host_and_gpu()
 
     def _host_and_gpu(self) -> Iterator[Metric]:

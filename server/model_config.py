@@ -96,6 +96,8 @@ class BatchingSpec:
     priority_levels: int = 1
     default_priority_level: int = 1
     policies: tuple[QueuePolicy, ...] = (QueuePolicy(),)  # index level - 1
+    learn_cost: bool = True  # parameter fuserve_batch_learning: size batches by their measured cost
+    latency_target_ms: float = 0.0  # parameter fuserve_latency_target_ms (0: no target)
 
 
 @dataclass(frozen=True)
@@ -273,7 +275,35 @@ def _queue_policy(p: mc.ModelQueuePolicy) -> QueuePolicy:
                        allow_timeout_override=p.allow_timeout_override, max_queue_size=p.max_queue_size)
 
 
+LEARNING_PARAMETER = "fuserve_batch_learning"
+LATENCY_TARGET_PARAMETER = "fuserve_latency_target_ms"
+
+
+def _cost_parameters(config: ModelConfig, where: str) -> tuple[bool, float]:
+    """The dynamic batcher's own parameters: learning on or off, and the latency target."""
+    params = config.parameters
+    learn = params[LEARNING_PARAMETER].string_value.strip().lower() if LEARNING_PARAMETER in params else "true"
+    if learn not in ("true", "false"):
+        raise ModelLoadError(f"{where}: parameter {LEARNING_PARAMETER} must be \"true\" or \"false\", got '{learn}'")
+    target = 0.0
+    if LATENCY_TARGET_PARAMETER in params:
+        text = params[LATENCY_TARGET_PARAMETER].string_value
+        try:
+            target = float(text)
+        except ValueError:
+            target = -1.0
+        if not 0 < target < 3_600_000:  # NaN fails too
+            raise ModelLoadError(f"{where}: parameter {LATENCY_TARGET_PARAMETER} must be a positive number of "
+                                 f"milliseconds, got '{text}'")
+    batching = config.HasField("dynamic_batching") and config.max_batch_size > 0
+    for key in (LEARNING_PARAMETER, LATENCY_TARGET_PARAMETER):
+        if key in params and not batching:
+            raise ModelLoadError(f"{where}: parameter {key} needs dynamic_batching and max_batch_size > 0")
+    return learn == "true", target
+
+
 def batching_spec(config: ModelConfig, where: str) -> BatchingSpec | None:
+    learn, target = _cost_parameters(config, where)
     if not config.HasField("dynamic_batching") or config.max_batch_size <= 0:
         return None
     db = config.dynamic_batching
@@ -294,7 +324,7 @@ def batching_spec(config: ModelConfig, where: str) -> BatchingSpec | None:
     policies = tuple(_queue_policy(db.priority_queue_policy[lvl]) if lvl in db.priority_queue_policy else default
                      for lvl in range(1, levels + 1))
     return BatchingSpec(preferred, db.max_queue_delay_microseconds, db.preserve_ordering, levels, default_level,
-                        policies)
+                        policies, learn, target)
 
 
 def build_spec(config: ModelConfig, backend: str, instances: tuple[InstanceSpec, ...], where: str,

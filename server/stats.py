@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import bisect
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from prometheus_client.utils import floatToGoString
@@ -91,6 +92,8 @@ class ModelStats:
     failures: dict[str, int] = field(default_factory=lambda: dict.fromkeys(FAILURE_REASONS, 0))
     # Observed only when metrics are enabled (`histograms` is None otherwise).
     histograms: dict[str, Histogram] | None = None
+    # The dynamic batcher's learned cost per batch size (scheduler/batch_cost.py), where it has one.
+    cost_view: Callable[[], dict] | None = None
 
     def enable_histograms(self) -> None:
         self.histograms = {"request": Histogram(LATENCY_BUCKETS_MS), "queue": Histogram(LATENCY_BUCKETS_MS),
@@ -139,8 +142,8 @@ class ModelStats:
 
     def as_dict(self, pending: int, executing: int) -> dict:
         """Triton's JSON form (the gRPC ModelStatistics message has the same field names), plus
-        fuserve's own fields (the gRPC frontend drops them): requests queued and executing now, and
-        requests cancelled while queued so far."""
+        fuserve's own fields (the gRPC frontend drops them): requests queued and executing now,
+        requests cancelled while queued so far, and the dynamic batcher's learned cost per batch size."""
         zero = {"count": 0, "ns": 0}
         return {
             "name": self.name,
@@ -167,4 +170,5 @@ class ModelStats:
             "fuserve_pending": pending,
             "fuserve_executing": executing,
             "fuserve_cancelled": self.cancelled,
+            **({"fuserve_batch_cost": self.cost_view()} if self.cost_view is not None else {}),
         }

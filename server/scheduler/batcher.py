@@ -37,10 +37,14 @@ from ..instances import InstancePool
 from ..model_config import ModelSpec, QueuePolicy
 from ..stats import ModelStats
 from .base import Outcome, Work
+from .batch_cost import CostCurve
 from .execute import execute_batch, execute_requests
 
 # A model whose batches take less than this (moving average) runs inline on the event loop thread.
 INLINE_BELOW_NS = 1_000_000
+# Latency-target mode: a batch's predicted time is scaled by this for the target's checks (the
+# prediction is a mean; the target is a p99).
+HEADROOM = 1.25
 
 
 @dataclass(slots=True, eq=False)
@@ -77,7 +81,15 @@ class Batcher:
         self.preserve_ordering = b.preserve_ordering if b is not None else False
         self.policies: tuple[QueuePolicy, ...] = b.policies if b is not None else (QueuePolicy(),)
         self.default_level = b.default_priority_level - 1 if b is not None else 0
-        self._timeouts = any(p.default_timeout_us or p.allow_timeout_override for p in self.policies)
+        # Batch sizes by measured cost (batch_cost.py); the curve is learned and shown even where
+        # preferred_batch_size or fuserve_batch_learning "false" decides the size (Triton's greedy rule).
+        self.curve = CostCurve(self.max_rows, b.learn_cost and not self.preferred) if b is not None else None
+        if self.curve is not None:
+            stats.cost_view = self.curve.view
+        self.target_ns = int(b.latency_target_ms * 1e6) if b is not None else 0  # 0: no latency target
+        self._queued_rows = 0
+        self._timeouts = any(p.default_timeout_us or p.allow_timeout_override for p in self.policies) \
+            or self.target_ns > 0
         self._queues: list[deque[_Pending]] = [deque() for _ in self.policies]
         self._delayed: deque[_Pending] = deque()  # timed out under DELAY: served after everything else
         self._counts = [0] * len(self.policies)  # queued requests per level (the deques hold stale entries)
@@ -138,15 +150,34 @@ class Batcher:
         loop = self._loop
         if loop is None:  # asyncio.get_running_loop() costs a getpid() syscall: look it up once
             loop = self._loop = asyncio.get_running_loop()
+        deadline = now + timeout_us * 1000 if timeout_us else 0
+        delay_on_timeout = policy.delay_on_timeout
+        if self.target_ns:
+            self._admit(work.rows)
+            if not deadline or now + self.target_ns < deadline:  # past the target it can no longer meet it
+                deadline, delay_on_timeout = now + self.target_ns, False
         # dtypes are the model's (validated), so names and non-batch dims decide what batches together
         key = tuple([(n, a.shape[1:]) for n, a in work.feeds.items()]) if self.max_rows else ()
-        pending = _Pending(work, loop.create_future(), key, now, now + timeout_us * 1000 if timeout_us else 0,
-                           level, policy.delay_on_timeout)
+        pending = _Pending(work, loop.create_future(), key, now, deadline, level, delay_on_timeout)
         self._queues[level].append(pending)
         self._counts[level] += 1
+        self._queued_rows += work.rows
         self._idle.clear()
         self._schedule()
         return pending
+
+    def _admit(self, rows: int) -> None:
+        """Latency-target mode: refuse a request that would complete past the target, predicted from
+        the queue ahead of it and the learned cost (nothing is refused before anything is learned)."""
+        assert self.curve is not None
+        busy = self._executing >= len(self.pool.instances)
+        instances = len(self.pool.instances)
+        predicted = self.curve.drain_ns(self._queued_rows + rows, instances) * HEADROOM
+        if busy:  # what runs now is, on average, half done
+            predicted += self.curve.predict(self.curve.size()) / 2
+        if predicted > self.target_ns:
+            raise Rejected(f"inference request for model '{self.name}' rejected: its predicted completion "
+                           f"({predicted / 1e6:.1f} ms) exceeds its latency target {self.target_ns / 1e6:g} ms")
 
     def withdraw(self, pending: _Pending) -> None:
         """The client went away: a request still queued is dropped and never executes."""
@@ -155,6 +186,7 @@ class Batcher:
             pending.taken = True
             if pending.level >= 0:
                 self._counts[pending.level] -= 1
+            self._queued_rows -= pending.work.rows
             self.stats.cancelled += 1
             self._check_idle()
 
@@ -189,9 +221,11 @@ class Batcher:
                 self._delayed.append(p)
             else:
                 p.taken = True
+                self._queued_rows -= p.work.rows
                 waited = (now - p.arrival) // 1000
+                target = f", past its latency target {self.target_ns / 1e6:g} ms" if self.target_ns else ""
                 p.future.set_exception(Rejected(
-                    f"inference request for model '{self.name}' timed out in the queue after {waited} us"))
+                    f"inference request for model '{self.name}' timed out in the queue after {waited} us{target}"))
         return next_deadline
 
     def _form(self, now: int) -> tuple[list[_Pending] | None, int]:
@@ -201,24 +235,40 @@ class Batcher:
             return None, 0
         if not self.max_rows:
             return [first], 0
+        limit = self._limit(now - first.arrival)
         batch: list[_Pending] = []
         rows, full = 0, False
         for p in self._live():
             if p.key != first.key:
                 continue
-            if rows + p.work.rows > self.max_rows:
+            if batch and rows + p.work.rows > limit:
                 full = True
                 break
             batch.append(p)
             rows += p.work.rows
-            if rows == self.max_rows:
+            if rows >= limit:
                 full = True
                 break
         if self.preferred and rows >= self.preferred[-1]:
             return self._cut_to_preferred(batch), 0
-        if full or self.delay_ns == 0 or now >= first.arrival + self.delay_ns:
+        hold_until = first.arrival + self.delay_ns
+        if self.target_ns and self.curve is not None:  # hold only while the target can still be met
+            hold_until = min(hold_until, first.arrival + self.target_ns - int(HEADROOM * self.curve.predict(limit)))
+        if full or self.delay_ns == 0 or now >= hold_until:
             return batch, 0
-        return None, first.arrival + self.delay_ns
+        return None, hold_until
+
+    def _limit(self, waited: int) -> int:
+        """The most rows to form: the learned size (the largest where learning is off), in
+        latency-target mode no more than the oldest request, `waited` ns in, can still afford."""
+        curve = self.curve
+        if curve is None:
+            return self.max_rows
+        limit = curve.size()
+        if self.target_ns:
+            while limit > 1 and waited + HEADROOM * curve.predict(limit) > self.target_ns:
+                limit //= 2
+        return limit
 
     def _cut_to_preferred(self, batch: list[_Pending]) -> list[_Pending]:
         """The longest prefix whose rows make a preferred size (else the largest up to the biggest one)."""
@@ -287,6 +337,7 @@ class Batcher:
             p.taken = True
             if p.level >= 0:
                 self._counts[p.level] -= 1
+            self._queued_rows -= p.work.rows
             outputs.update(dict.fromkeys(p.work.outputs))
         self._executing += 1
         self.executing_requests += len(batch)
@@ -295,15 +346,15 @@ class Batcher:
         started = time.perf_counter_ns()
         rows = [p.work.rows for p in batch]
         loop = self._loop or asyncio.get_running_loop()
-        done = functools.partial(self._on_executed, batch, instance, seq, started, sum(rows), lent)
+        done = functools.partial(self._on_executed, batch, instance, seq, started, sum(rows), lent, inline=False)
         # inline only at low load (lone requests): under load, batches on the thread grow larger
-        if self._inline and len(batch) == 1 and self._batch_ewma < 1.5:
+        if self._inline and len(batch) == 1 and self._batch_ewma < 1.5 and not self._queued_rows:
             fut: asyncio.Future = loop.create_future()
             try:
                 fut.set_result(execute_batch(instance, [p.work.feeds for p in batch], list(outputs), rows))
             except Exception as exc:
                 fut.set_exception(exc)
-            loop.call_soon(done, fut)  # not now: _schedule is what called us
+            loop.call_soon(functools.partial(done, inline=True), fut)  # not now: _schedule is what called us
             return
         if self._requests:
             requests = [Request(p.work.feeds, p.work.outputs, p.work.id, p.work.parameters,
@@ -320,7 +371,7 @@ class Batcher:
     # ---- completion -----------------------------------------------------------------------------
 
     def _on_executed(self, batch: list[_Pending], instance: Instance, seq: int, started: int, rows: int,
-                     lent: bool, fut: asyncio.Future) -> None:
+                     lent: bool, fut: asyncio.Future, inline: bool) -> None:
         if lent:  # its holder still has it
             left = self._lent.get(instance, 0) - 1
             if left > 0:
@@ -334,6 +385,8 @@ class Batcher:
         try:
             parts, timings = fut.result()
             done = _Done(batch, parts, None, started, timings, rows)
+            if self.curve is not None and not inline:  # an inline batch costs no hand-off: not comparable
+                self.curve.observe(rows, time.perf_counter_ns() - started)
             if self._inline_allowed:
                 self._batch_ewma = 0.8 * self._batch_ewma + 0.2 * len(batch)
                 self._exec_ewma_ns = 0.8 * self._exec_ewma_ns + 0.2 * sum(timings)

@@ -38,7 +38,8 @@ def batching_server(start_server, tmp_path_factory):
     echo_model(repo, "unbatched", "")
     echo_model(repo, "preferred", "dynamic_batching { preferred_batch_size: [4] "
                                   "max_queue_delay_microseconds: 5000000 }", matmuls=20)
-    echo_model(repo, "delayed", "dynamic_batching { max_queue_delay_microseconds: 50000 }", matmuls=5)
+    echo_model(repo, "delayed", "dynamic_batching { max_queue_delay_microseconds: 50000 }\n"  # Triton's rule
+               'parameters { key: "fuserve_batch_learning" value: { string_value: "false" } }', matmuls=5)
     echo_model(repo, "bounded", "dynamic_batching { default_queue_policy { max_queue_size: 2 } }",
                matmuls=1000, mbs=1)
     echo_model(repo, "timeouts", "dynamic_batching { default_queue_policy { default_timeout_microseconds: 5000 "

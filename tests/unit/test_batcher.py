@@ -61,6 +61,11 @@ def make(config: str, instances: int = 1):
     return Batcher(spec, InstancePool("m", backends), stats), backends, stats
 
 
+# Triton's rule, everything queued up to max_batch_size (fuserve sizes batches by measured cost
+# unless told not to: see test_batch_cost.py)
+GREEDY = 'parameters { key: "fuserve_batch_learning" value: { string_value: "false" } }\n'
+
+
 def work(value: float, rows: int = 1, width: int = 2, **kw) -> Work:
     return Work({"x": np.full((rows, width), value, dtype=np.float32)}, ("y",), rows, **kw)
 
@@ -71,7 +76,7 @@ def run(coro):
 
 def test_requests_queued_behind_a_busy_instance_form_one_batch():
     async def main():
-        batcher, (inst,), stats = make("max_batch_size: 8\ndynamic_batching {}")
+        batcher, (inst,), stats = make("max_batch_size: 8\ndynamic_batching {}\n" + GREEDY)
         inst.gate.clear()
         first = asyncio.ensure_future(batcher.submit(work(0)))
         await asyncio.sleep(0.05)
@@ -90,7 +95,7 @@ def test_requests_queued_behind_a_busy_instance_form_one_batch():
 
 def test_max_batch_size_bounds_a_batch_and_keys_separate_shapes():
     async def main():
-        batcher, (inst,), _ = make("max_batch_size: 4\ndynamic_batching {}")
+        batcher, (inst,), _ = make("max_batch_size: 4\ndynamic_batching {}\n" + GREEDY)
         inst.gate.clear()
         busy = asyncio.ensure_future(batcher.submit(work(0)))
         await asyncio.sleep(0.05)
@@ -211,7 +216,7 @@ def test_a_request_that_fails_its_batch_fails_alone():
     """The poisoned request's batch fails; each of its requests is then run alone, so only the
     poisoned one gets the error and its batch-mates their own rows."""
     async def main():
-        batcher, (inst,), stats = make("max_batch_size: 8\ndynamic_batching {}")
+        batcher, (inst,), stats = make("max_batch_size: 8\ndynamic_batching {}\n" + GREEDY)
         inst.gate.clear()
         first = asyncio.ensure_future(batcher.submit(work(1)))  # holds the instance
         await asyncio.sleep(0.05)

@@ -1,0 +1,168 @@
+"""What a batch of each size costs, learned online per model version, and the size to form.
+
+A model is not always cheaper per row in larger batches: MiniLM on one onnxruntime thread does
+31 rows/s at batch 4 and 25 at batch 64, so a batcher that takes everything queued (Triton's)
+loses a fifth of the throughput exactly when the queue is deep. `CostCurve` measures instead.
+
+    buckets    1, 2, 4, ... up to max_batch_size (and max_batch_size itself): a batch of r rows
+               counts in the largest bucket <= r. Per bucket, moving averages of the batch's
+               wall time on its instance (dispatch to completion) and of its rows.
+    size       the rows to form when the queue is deep: the bucket with the most rows per second.
+    learning   climbing from 1: each bucket up is measured (MIN_SAMPLES batches) while it stays
+               within 10% of the best so far; the best is the bucket with the most rows per
+               second (a move needs 1% better, so a flat curve stays at small batches). Then every
+               PROBE_EVERY batches at the best size, the neighbour above or below (in turn) is
+               measured afresh, and chosen when it is 1% better (the interval doubles, up to 256,
+               while probes come out 10% worse). A probe the queue never fills is given up.
+               Measured sizes only: no shape of the curve is assumed.
+
+Every call here is O(1) or O(buckets) per batch (about 7 for max_batch_size 64) on the event loop
+thread; nothing runs per request except `predict`, in latency-target mode.
+"""
+
+from __future__ import annotations
+
+import bisect
+
+ALPHA = 0.2  # weight of a new sample in a bucket's moving averages
+PROBE_EVERY = 16  # batches at the chosen size between two probes of a neighbour
+MAX_PROBE_EVERY = 256  # ... at most, after probes that came out clearly worse
+MIN_SAMPLES = 2  # samples a bucket needs before it can win
+MARGIN = 1.01  # a neighbour must do this much better to be chosen (flat curves stay small)
+DIP = 0.9  # the first climb goes on past a size at least this good relative to the best so far
+
+
+class CostCurve:
+    __slots__ = ("sizes", "_ns", "_rows", "_samples", "best", "_probe", "_probe_ns", "_probe_rows", "_probe_n",
+                 "_probe_age", "_every", "_climbing", "_since", "_up_next", "enabled")
+
+    def __init__(self, max_rows: int, enabled: bool = True) -> None:
+        sizes = [1]
+        while sizes[-1] * 2 < max_rows:
+            sizes.append(sizes[-1] * 2)
+        if sizes[-1] != max_rows:
+            sizes.append(max_rows)
+        self.sizes = tuple(sizes)
+        self._ns = [0.0] * len(sizes)  # moving average of a batch's wall time, per bucket
+        self._rows = [0.0] * len(sizes)  # moving average of its rows
+        self._samples = [0] * len(sizes)
+        self.enabled = enabled  # False: learn and report, but `size` is always the largest
+        self.best = 0  # index into sizes
+        self._probe = -1  # the neighbour being measured (-1: none), and its fresh samples so far
+        self._probe_ns = self._probe_rows = 0.0
+        self._probe_n = self._probe_age = 0
+        self._climbing = True
+        self._since = 0
+        self._every = PROBE_EVERY  # doubles (to MAX_PROBE_EVERY) while probes come out clearly worse
+        self._up_next = True
+
+    # ---- what to form ---------------------------------------------------------------------------
+
+    def size(self) -> int:
+        """The rows to take when the queue holds more than enough."""
+        if not self.enabled:
+            return self.sizes[-1]
+        return self.sizes[self._probe if self._probe >= 0 else self.best]
+
+    def throughput(self, i: int) -> float:
+        """Rows per second of bucket `i` (0 while unmeasured)."""
+        return self._rows[i] * 1e9 / self._ns[i] if self._ns[i] > 0 else 0.0
+
+    def predict(self, rows: int) -> float:
+        """Nanoseconds a batch of `rows` is expected to take (0: nothing measured yet): the nearest
+        measured bucket's time per row, times `rows`."""
+        i = bisect.bisect_right(self.sizes, rows) - 1
+        for d in range(len(self.sizes)):
+            for j in (i - d, i + d):
+                if 0 <= j < len(self.sizes) and self._samples[j]:
+                    return self._ns[j] * rows / self._rows[j]
+        return 0.0
+
+    def drain_ns(self, rows: int, instances: int) -> float:
+        """Predicted time to execute `rows` queued rows, in batches of `size()`, on `instances`."""
+        size = self.size()
+        full, rest = divmod(rows, size)
+        return (full * self.predict(size) + (self.predict(rest) if rest else 0.0)) / instances
+
+    # ---- learning ------------------------------------------------------------------------------
+
+    def observe(self, rows: int, ns: int) -> None:
+        """One batch of `rows` rows took `ns` on its instance."""
+        i = bisect.bisect_right(self.sizes, rows) - 1
+        if self._samples[i]:
+            self._ns[i] += ALPHA * (ns - self._ns[i])
+            self._rows[i] += ALPHA * (rows - self._rows[i])
+        else:
+            self._ns[i], self._rows[i] = float(ns), float(rows)
+        self._samples[i] += 1
+        if self._probe >= 0:
+            if i == self._probe:
+                self._probe_ns += ns
+                self._probe_rows += rows
+                self._probe_n += 1
+                if self._probe_n >= MIN_SAMPLES:
+                    self._decide()
+            else:
+                self._probe_age += 1
+                if self._probe_age > 2 * PROBE_EVERY:  # the queue never fills it: give up for now
+                    self._probe = -1
+                    self._climbing = False
+                    self._since = 0
+            return
+        if i != self.best:
+            return
+        self._since += 1
+        if self._climbing and self._samples[i] >= MIN_SAMPLES:  # the start: climb from 1
+            if i + 1 < len(self.sizes):
+                self._start_probe(i + 1)
+            else:
+                self._climbing = False
+        elif self._since >= self._every:
+            self._next_probe()
+
+    def _start_probe(self, j: int) -> None:
+        self._probe, self._probe_ns, self._probe_rows, self._probe_n, self._probe_age = j, 0.0, 0.0, 0, 0
+
+    def _decide(self) -> None:
+        """The probed bucket has its fresh samples: move to it or stay."""
+        probe = self._probe
+        self._ns[probe] = self._probe_ns / self._probe_n  # what it costs now, not a blend with before
+        self._rows[probe] = self._probe_rows / self._probe_n
+        self._probe = -1
+        if self.throughput(probe) > self.throughput(self.best) * MARGIN:
+            self.best = probe
+            self._every = PROBE_EVERY
+        elif self.throughput(probe) < self.throughput(self.best) * DIP:
+            self._every = min(MAX_PROBE_EVERY, self._every * 2)
+        # climbing goes on through a dip (mlp is slower per row at 8 than at 4, faster at 16), and
+        # stops where a size is clearly worse than the best so far, or at the top
+        if self._climbing and probe + 1 < len(self.sizes) and self.throughput(probe) >= \
+                self.throughput(self.best) * DIP:
+            self._start_probe(probe + 1)
+            return
+        self._climbing = False
+        self._since = 0
+
+    def _next_probe(self) -> None:
+        """Every PROBE_EVERY batches at the best size: measure a neighbour again, above and below in
+        turn, so the choice follows a model whose costs change (a busier machine, longer inputs)."""
+        self._since = 0
+        up, down = self.best + 1, self.best - 1
+        order = (up, down) if self._up_next else (down, up)
+        self._up_next = not self._up_next
+        for j in order:
+            if 0 <= j < len(self.sizes):
+                self._start_probe(j)
+                return
+
+    # ---- what a user sees -----------------------------------------------------------------------
+
+    def view(self) -> dict:
+        """The learned curve, for the statistics extension and the metrics."""
+        return {
+            "learning": self.enabled,
+            "batch_size": self.size(),
+            "buckets": [{"batch_size": s, "samples": self._samples[i], "mean_us": round(self._ns[i] / 1e3, 1),
+                         "mean_rows": round(self._rows[i], 2), "rows_per_second": round(self.throughput(i), 1)}
+                        for i, s in enumerate(self.sizes) if self._samples[i]],
+        }

@@ -1,0 +1,233 @@
+"""Batch sizes chosen by measured cost: the learned curve alone, then the batcher on a recording
+backend whose cost per batch size the test sets."""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import random
+import threading
+import time
+
+import numpy as np
+import pytest
+from google.protobuf import text_format
+
+from server.errors import ModelLoadError, Rejected
+from server.instances import InstancePool
+from server.model_config import ModelConfig, ModelIO, build_spec, instance_specs
+from server.scheduler.batch_cost import CostCurve
+from server.scheduler.batcher import Batcher, Work
+from server.stats import ModelStats
+
+# rows/s by batch size, shaped like the models measured in docs/perf.md
+MINILM = {1: 25.0, 2: 24.5, 4: 25.1, 8: 24.5, 16: 23.4, 32: 21.5, 64: 20.0}  # flat, then worse
+MLP = {1: 8002, 2: 14924, 4: 26337, 8: 24501, 16: 29974, 32: 29702, 64: 29666}  # a dip at 8
+ADD_SUB = {1: 1e4, 2: 2e4, 4: 3.9e4, 8: 7.5e4, 16: 1.4e5, 32: 2.5e5, 64: 4e5}  # larger is always better
+
+
+def drive(curve: CostCurve, rates: dict[int, float], batches: int, noise: float = 0.03, seed: int = 1) -> float:
+    """Feed `curve` batches of the size it asks for (a deep queue), costed from `rates`; the rows per
+    second achieved over all of them, exploration included."""
+    rng = random.Random(seed)
+    sizes = sorted(rates)
+    rows_done = 0
+    ns_spent = 0.0
+    for _ in range(batches):
+        n = curve.size()
+        ns = n / rates[sizes[bisect.bisect_right(sizes, n) - 1]] * 1e9 * rng.lognormvariate(0, noise)
+        curve.observe(n, int(ns))
+        rows_done += n
+        ns_spent += ns
+    return rows_done / ns_spent * 1e9
+
+
+@pytest.mark.parametrize("rates, chosen", [(MINILM, {1, 2, 4, 8}), (MLP, {16, 32, 64}), (ADD_SUB, {64})])
+def test_the_curve_finds_the_best_rows_per_second(rates, chosen):
+    curve = CostCurve(64)
+    achieved = drive(curve, rates, 2000)
+    assert curve.size() in chosen
+    assert achieved >= 0.97 * max(rates.values())  # exploration and probes cost little
+
+
+def test_a_flat_curve_stays_at_small_batches_and_learning_off_takes_the_largest():
+    flat = dict.fromkeys((1, 2, 4, 8, 16, 32, 64), 100.0)
+    curve = CostCurve(64)
+    drive(curve, flat, 500, noise=0.0)
+    assert curve.size() == 1  # nothing is 1% better: small batches keep latency low
+    off = CostCurve(64, enabled=False)
+    drive(off, MINILM, 200)
+    assert off.size() == 64
+    assert {b["batch_size"] for b in off.view()["buckets"]} == {64}  # still measured and shown
+
+
+def test_the_choice_follows_a_change_in_cost():
+    curve = CostCurve(64)
+    drive(curve, ADD_SUB, 300)
+    assert curve.size() == 64
+    # the model becomes slower per row in large batches (say, longer inputs): the probes find it
+    drive(curve, {1: 100, 2: 110, 4: 120, 8: 90, 16: 60, 32: 40, 64: 30}, 4000, seed=2)
+    assert curve.size() == 4
+
+
+def test_non_power_of_two_max_and_prediction():
+    curve = CostCurve(100)
+    assert curve.sizes == (1, 2, 4, 8, 16, 32, 64, 100)
+    assert curve.predict(10) == 0.0  # nothing measured: nothing predicted
+    curve.observe(8, 8_000_000)
+    assert curve.predict(8) == pytest.approx(8e6) and curve.predict(16) == pytest.approx(16e6)
+    assert curve.drain_ns(20, 2) == pytest.approx(curve.predict(curve.size()) * (20 // curve.size()) / 2
+                                                  + curve.predict(20 % curve.size()) / 2)
+    view = curve.view()
+    assert view["buckets"] == [{"batch_size": 8, "samples": 1, "mean_us": 8000.0, "mean_rows": 8.0,
+                                "rows_per_second": 1000.0}]
+
+
+# ---- the batcher, on a backend whose cost per batch size is set ---------------------------------
+
+
+class CostedInstance:
+    """Doubles its input after sleeping cost(rows) seconds; records every batch's rows."""
+
+    io = ModelIO((), ())
+    device = "CPUExecutionProvider"
+    executes_requests = False
+    inline_ok = False
+
+    def __init__(self, cost) -> None:
+        self.cost = cost
+        self.batches: list[int] = []
+        self.lock = threading.Lock()
+
+    def check_inputs(self, feeds) -> None:
+        pass
+
+    def execute(self, inputs, outputs):
+        x = inputs["x"]
+        time.sleep(self.cost(x.shape[0]))
+        with self.lock:
+            self.batches.append(x.shape[0])
+        return {"y": x * 2}
+
+    def close(self) -> None:
+        pass
+
+
+def make(config: str, cost, instances: int = 1):
+    cfg = text_format.Parse('name: "m"\ninput [{name: "x" data_type: TYPE_FP32 dims: [-1]}]\n'
+                            'output [{name: "y" data_type: TYPE_FP32 dims: [-1]}]\n' + config, ModelConfig())
+    spec = build_spec(cfg, "onnxruntime", instance_specs(cfg, 0), "w")
+    backends = [CostedInstance(cost) for _ in range(instances)]
+    stats = ModelStats("m", "1")
+    return Batcher(spec, InstancePool("m", backends), stats), backends[0], stats
+
+
+def work(value: float) -> Work:
+    return Work({"x": np.full((1, 2), value, dtype=np.float32)}, ("y",), 1)
+
+
+def param(key: str, value: str) -> str:
+    return f'parameters {{ key: "{key}" value: {{ string_value: "{value}" }} }}\n'
+
+
+async def closed_loop(batcher: Batcher, clients: int, requests: int) -> list:
+    """`clients` callers, each sending its next request when the last is answered."""
+    results: list = []
+
+    async def client(c: int) -> None:
+        for k in range(requests):
+            try:
+                out = await batcher.submit(work(c * 1000 + k))
+                assert (out.outputs["y"] == 2 * (c * 1000 + k)).all()  # its own rows back
+                results.append(out)
+            except Rejected as exc:
+                results.append(exc)
+
+    await asyncio.wait_for(asyncio.gather(*(client(c) for c in range(clients))), 60)
+    return results
+
+
+def test_the_batcher_forms_the_size_that_costs_least_per_row():
+    """Rows cost 2 ms each up to batch 2 and 5 ms each beyond: with 16 waiting, batches settle at 2
+    where Triton's rule would take all 16."""
+    async def main():
+        batcher, inst, stats = make("max_batch_size: 16\ndynamic_batching {}",
+                                    lambda n: n * (0.002 if n <= 2 else 0.005))
+        await closed_loop(batcher, 16, 12)
+        late = inst.batches[len(inst.batches) // 2:]
+        assert late.count(2) >= 0.8 * len(late), inst.batches
+        view = stats.as_dict(0, 0)["fuserve_batch_cost"]
+        assert view["learning"] and view["batch_size"] == 2
+        by_size = {b["batch_size"]: b for b in view["buckets"]}
+        assert by_size[2]["rows_per_second"] > by_size[4]["rows_per_second"]
+
+    asyncio.run(main())
+
+
+def test_a_fixed_cost_per_batch_climbs_to_the_largest():
+    async def main():
+        batcher, inst, _ = make("max_batch_size: 8\ndynamic_batching {}", lambda n: 0.004)
+        await closed_loop(batcher, 16, 10)
+        assert inst.batches[:6] == [1, 1, 2, 2, 4, 4], inst.batches  # learning climbs from 1
+        assert inst.batches[6:16] == [8] * 10, inst.batches  # (the last ones are partial: clients finish)
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("extra", [param("fuserve_batch_learning", "false"),
+                                   "dynamic_batching { preferred_batch_size: [4] }\n"])
+def test_learning_off_or_preferred_sizes_keep_the_static_rule(extra):
+    async def main():
+        config = "max_batch_size: 8\n" + (extra if "dynamic" in extra else "dynamic_batching {}\n" + extra)
+        batcher, inst, stats = make(config, lambda n: n * (0.001 if n <= 1 else 0.004))
+        await closed_loop(batcher, 16, 8)
+        want = 4 if "preferred" in extra else 8
+        assert max(inst.batches) == want and inst.batches.count(want) >= len(inst.batches) // 2, inst.batches
+        assert not stats.as_dict(0, 0)["fuserve_batch_cost"]["learning"]
+
+    asyncio.run(main())
+
+
+def test_latency_target_sheds_what_it_cannot_serve_in_time():
+    """20 ms a row in batches of up to 2, a 100 ms target, 16 clients: at most about 8 rows fit in
+    the target, so the rest is refused at admission with the queue-policy error, and nothing
+    accepted waits in the queue past the target."""
+    async def main():
+        batcher, inst, stats = make("max_batch_size: 16\ndynamic_batching {}\n"
+                                    + param("fuserve_latency_target_ms", "100"),
+                                    lambda n: 0.02 * n if n <= 2 else 0.03 * n)
+        results = await closed_loop(batcher, 16, 6)
+        refused = [r for r in results if isinstance(r, Rejected)]
+        served = [r for r in results if not isinstance(r, Rejected)]
+        assert refused and served
+        assert any("exceeds its latency target 100 ms" in r.message for r in refused)
+        assert all(r.http_status == 503 for r in refused)
+        assert max(o.queue_ns for o in served) <= 110_000_000  # expired ones are refused, not run late
+
+    asyncio.run(main())
+
+
+def test_latency_target_cuts_a_long_queue_delay_short():
+    """max_queue_delay of 2 s, a 200 ms target: a lone request waits for company only while its
+    predicted completion stays within the target."""
+    async def main():
+        batcher, inst, _ = make("max_batch_size: 8\ndynamic_batching { max_queue_delay_microseconds: 2000000 }\n"
+                                + param("fuserve_latency_target_ms", "200"), lambda n: 0.01)
+        t0 = time.perf_counter()
+        out = await asyncio.wait_for(batcher.submit(work(1)), 5)
+        assert time.perf_counter() - t0 < 1.0 and out.queue_ns < 200_000_000
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("config, message", [
+    ("dynamic_batching {}\n" + param("fuserve_batch_learning", "maybe"), "fuserve_batch_learning must be"),
+    ("dynamic_batching {}\n" + param("fuserve_latency_target_ms", "-3"), "fuserve_latency_target_ms must be"),
+    ("dynamic_batching {}\n" + param("fuserve_latency_target_ms", "nan"), "fuserve_latency_target_ms must be"),
+    (param("fuserve_latency_target_ms", "50"), "fuserve_latency_target_ms needs dynamic_batching"),
+])
+def test_bad_cost_parameters_fail_the_load(config, message):
+    cfg = text_format.Parse('name: "m"\nmax_batch_size: 8\ninput [{name: "x" data_type: TYPE_FP32 dims: [-1]}]\n'
+                            'output [{name: "y" data_type: TYPE_FP32 dims: [-1]}]\n' + config, ModelConfig())
+    with pytest.raises(ModelLoadError, match=message):
+        build_spec(cfg, "onnxruntime", instance_specs(cfg, 0), "w")
