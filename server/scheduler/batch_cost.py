@@ -4,19 +4,22 @@ A model is not always cheaper per row in larger batches: MiniLM on one onnxrunti
 31 rows/s at batch 4 and 25 at batch 64, so a batcher that takes everything queued (Triton's)
 loses a fifth of the throughput exactly when the queue is deep. `CostCurve` measures instead.
 
-    buckets    1, 2, 4, ... up to max_batch_size (and max_batch_size itself): a batch of r rows
-               counts in the largest bucket <= r. Per bucket, moving averages of the batch's
-               wall time on its instance (dispatch to completion) and of its rows.
-    size       the rows to form when the queue is deep: the bucket with the most rows per second.
+    buckets    1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, ... up to max_batch_size (and
+               max_batch_size itself): a batch of r rows counts in the largest bucket <= r. Per
+               bucket, moving averages of the batch's wall time on its instance (dispatch to
+               completion) and of its rows.
+    size       the most rows to form: up to the top of the bucket with the most rows per second
+               (bucket 4 forms 4 or 5 rows; a queue of 5 holds no better choice than 5).
     learning   climbing from 1: each bucket up is measured (MIN_SAMPLES batches) while it stays
-               within 10% of the best so far; the best is the bucket with the most rows per
-               second (a move needs 1% better, so a flat curve stays at small batches). Then every
-               PROBE_EVERY batches at the best size, the neighbour above or below (in turn) is
-               measured afresh, and chosen when it is 1% better (the interval doubles, up to 256,
-               while probes come out 10% worse). A probe the queue never fills is given up.
-               Measured sizes only: no shape of the curve is assumed.
+               within 15% of the best so far; the best is the bucket with the most rows per
+               second. Then every PROBE_EVERY batches at the best size, the neighbour above or
+               below (in turn) is measured afresh, and chosen when it does better (the interval
+               doubles, up to 256, while probes come out 15% worse). A probe the queue never
+               fills is given up. Measured sizes only: no shape of the curve is assumed. The
+               constants come from simulating the curves measured in docs/perf.md with 3-20%
+               noise per batch (tests/unit/test_batch_cost.py drives the same simulation).
 
-Every call here is O(1) or O(buckets) per batch (about 7 for max_batch_size 64) on the event loop
+Every call here is O(1) or O(buckets) per batch (12 for max_batch_size 64) on the event loop
 thread; nothing runs per request except `predict`, in latency-target mode.
 """
 
@@ -28,8 +31,8 @@ ALPHA = 0.2  # weight of a new sample in a bucket's moving averages
 PROBE_EVERY = 16  # batches at the chosen size between two probes of a neighbour
 MAX_PROBE_EVERY = 256  # ... at most, after probes that came out clearly worse
 MIN_SAMPLES = 2  # samples a bucket needs before it can win
-MARGIN = 1.01  # a neighbour must do this much better to be chosen (flat curves stay small)
-DIP = 0.9  # the first climb goes on past a size at least this good relative to the best so far
+MARGIN = 1.0  # a neighbour must do this much better to be chosen
+DIP = 0.85  # the first climb goes on past a size at least this good relative to the best so far
 
 
 class CostCurve:
@@ -37,11 +40,10 @@ class CostCurve:
                  "_probe_age", "_every", "_climbing", "_since", "_up_next", "enabled")
 
     def __init__(self, max_rows: int, enabled: bool = True) -> None:
-        sizes = [1]
-        while sizes[-1] * 2 < max_rows:
-            sizes.append(sizes[-1] * 2)
-        if sizes[-1] != max_rows:
-            sizes.append(max_rows)
+        sizes = [1, 2, 3]  # then steps of 1.5x and 1.33x in turn: 4, 6, 8, 12, 16, 24, 32, 48, 64, ...
+        while sizes[-1] < max_rows:
+            sizes.append(sizes[-2] * 2)
+        sizes = [s for s in sizes if s < max_rows] + [max_rows]
         self.sizes = tuple(sizes)
         self._ns = [0.0] * len(sizes)  # moving average of a batch's wall time, per bucket
         self._rows = [0.0] * len(sizes)  # moving average of its rows
@@ -59,10 +61,12 @@ class CostCurve:
     # ---- what to form ---------------------------------------------------------------------------
 
     def size(self) -> int:
-        """The rows to take when the queue holds more than enough."""
+        """The most rows to take: every batch size in the chosen bucket (the one being measured, or
+        the best), so that what is formed is what the bucket measured."""
         if not self.enabled:
             return self.sizes[-1]
-        return self.sizes[self._probe if self._probe >= 0 else self.best]
+        i = (self._probe if self._probe >= 0 else self.best) + 1
+        return self.sizes[i] - 1 if i < len(self.sizes) else self.sizes[-1]
 
     def throughput(self, i: int) -> float:
         """Rows per second of bucket `i` (0 while unmeasured)."""

@@ -90,7 +90,7 @@ def test_batches_settle_where_rows_cost_least_and_the_curve_is_shown(server):
     cost = stats(server, "learned")["fuserve_batch_cost"]
     assert cost["learning"] and cost["batch_size"] == 2
     buckets = {b["batch_size"]: b for b in cost["buckets"]}
-    assert buckets[2]["rows_per_second"] > buckets[4]["rows_per_second"]
+    assert buckets[2]["rows_per_second"] > buckets[3]["rows_per_second"]
     families = server.metrics()
     target = [s for s in families["fuserve_batch_size_target"].samples if s.labels["model"] == "learned"]
     assert [s.value for s in target] == [2.0]
@@ -102,7 +102,9 @@ def test_batches_settle_where_rows_cost_least_and_the_curve_is_shown(server):
 def test_learning_off_takes_everything_queued(server):
     rows = drive(server.http_url, "greedy", 12, 10)
     assert all(isinstance(r, int) for r in rows)
-    assert max(rows) >= 8  # Triton's rule: all that waited, though 6 ms a row beyond 2
+    # Triton's rule: all that waited, though 6 ms a row beyond 2 (learning would form 2, or 3 while
+    # it measures that bucket)
+    assert max(rows) >= 5, rows
     cost = stats(server, "greedy")["fuserve_batch_cost"]
     assert not cost["learning"] and cost["batch_size"] == 16
 
