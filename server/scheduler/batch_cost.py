@@ -9,15 +9,18 @@ loses a fifth of the throughput exactly when the queue is deep. `CostCurve` meas
                bucket, moving averages of the batch's wall time on its instance (dispatch to
                completion) and of its rows.
     size       the most rows to form: up to the top of the bucket with the most rows per second
-               (bucket 4 forms 4 or 5 rows; a queue of 5 holds no better choice than 5).
-    learning   climbing from 1: each bucket up is measured (MIN_SAMPLES batches) while it stays
-               within 15% of the best so far; the best is the bucket with the most rows per
-               second. Then every PROBE_EVERY batches at the best size, the neighbour above or
-               below (in turn) is measured afresh, and chosen when it does better (the interval
-               doubles, up to 256, while probes come out 15% worse). A probe the queue never
-               fills is given up. Measured sizes only: no shape of the curve is assumed. The
-               constants come from simulating the curves measured in docs/perf.md with 3-20%
-               noise per batch (tests/unit/test_batch_cost.py drives the same simulation).
+               (bucket 4 forms 4 or 5 rows), so that a batch is what its bucket measured.
+    learning   a probe measures a bucket against the best, their batches alternating (5 of each),
+               so that a machine whose speed drifts moves both alike. Climbing from 1, each bucket
+               up is probed while it stays within 10% of the best so far; then every PROBE_EVERY
+               batches at the best size, the neighbour above or below (in turn). The probe wins
+               when it does more rows per second (5% more for a larger size: on a tie, the
+               smaller batch is the lower latency); the interval doubles, up to 256, while probes
+               come out 10% worse. A probe the queue never fills is given up. Measured sizes
+               only: no shape of the curve is assumed. The constants come from simulating the
+               curves measured in docs/perf.md with 5-20% noise per batch and the machine's
+               speed drifting by up to 35% over 10-40 s (tests/unit/test_batch_cost.py drives
+               the same simulation).
 
 Every call here is O(1) or O(buckets) per batch (12 for max_batch_size 64) on the event loop
 thread; nothing runs per request except `predict`, in latency-target mode.
@@ -30,14 +33,14 @@ import bisect
 ALPHA = 0.2  # weight of a new sample in a bucket's moving averages
 PROBE_EVERY = 16  # batches at the chosen size between two probes of a neighbour
 MAX_PROBE_EVERY = 256  # ... at most, after probes that came out clearly worse
-MIN_SAMPLES = 2  # samples a bucket needs before it can win
-MARGIN = 1.0  # a neighbour must do this much better to be chosen
-DIP = 0.85  # the first climb goes on past a size at least this good relative to the best so far
+MIN_SAMPLES = 5  # batches of each of the two sizes a probe compares
+MARGIN_UP = 1.05  # a larger size must do this much better to be chosen (a smaller one: any better)
+DIP = 0.9  # the first climb goes on past a size at least this good relative to the best so far
 
 
 class CostCurve:
-    __slots__ = ("sizes", "_ns", "_rows", "_samples", "best", "_probe", "_probe_ns", "_probe_rows", "_probe_n",
-                 "_probe_age", "_every", "_climbing", "_since", "_up_next", "enabled")
+    __slots__ = ("sizes", "_ns", "_rows", "_samples", "best", "_probe", "_probe_turn", "_probe_sum", "_probe_n",
+                 "_control_sum", "_control_n", "_probe_age", "_every", "_climbing", "_since", "_up_next", "enabled")
 
     def __init__(self, max_rows: int, enabled: bool = True) -> None:
         sizes = [1, 2, 3]  # then steps of 1.5x and 1.33x in turn: 4, 6, 8, 12, 16, 24, 32, 48, 64, ...
@@ -50,9 +53,10 @@ class CostCurve:
         self._samples = [0] * len(sizes)
         self.enabled = enabled  # False: learn and report, but `size` is always the largest
         self.best = 0  # index into sizes
-        self._probe = -1  # the neighbour being measured (-1: none), and its fresh samples so far
-        self._probe_ns = self._probe_rows = 0.0
-        self._probe_n = self._probe_age = 0
+        self._probe = -1  # the bucket being measured (-1: none), paired with batches at the best:
+        self._probe_turn = False  # whether the next batch is the probe's
+        self._probe_sum, self._control_sum = [0.0, 0.0], [0.0, 0.0]  # (ns, rows) of the probe's, the best's
+        self._probe_n = self._control_n = self._probe_age = 0
         self._climbing = True
         self._since = 0
         self._every = PROBE_EVERY  # doubles (to MAX_PROBE_EVERY) while probes come out clearly worse
@@ -61,11 +65,11 @@ class CostCurve:
     # ---- what to form ---------------------------------------------------------------------------
 
     def size(self) -> int:
-        """The most rows to take: every batch size in the chosen bucket (the one being measured, or
-        the best), so that what is formed is what the bucket measured."""
+        """The most rows to take: every batch size in the chosen bucket (the best, or in turn the
+        best and the one being measured), so that what is formed is what the bucket measured."""
         if not self.enabled:
             return self.sizes[-1]
-        i = (self._probe if self._probe >= 0 else self.best) + 1
+        i = (self._probe if self._probe >= 0 and self._probe_turn else self.best) + 1
         return self.sizes[i] - 1 if i < len(self.sizes) else self.sizes[-1]
 
     def throughput(self, i: int) -> float:
@@ -100,18 +104,7 @@ class CostCurve:
             self._ns[i], self._rows[i] = float(ns), float(rows)
         self._samples[i] += 1
         if self._probe >= 0:
-            if i == self._probe:
-                self._probe_ns += ns
-                self._probe_rows += rows
-                self._probe_n += 1
-                if self._probe_n >= MIN_SAMPLES:
-                    self._decide()
-            else:
-                self._probe_age += 1
-                if self._probe_age > 2 * PROBE_EVERY:  # the queue never fills it: give up for now
-                    self._probe = -1
-                    self._climbing = False
-                    self._since = 0
+            self._observe_probe(i, rows, ns)
             return
         if i != self.best:
             return
@@ -124,24 +117,49 @@ class CostCurve:
         elif self._since >= self._every:
             self._next_probe()
 
+    def _observe_probe(self, i: int, rows: int, ns: int) -> None:
+        """While a bucket is probed, batches alternate between it and the best (see `size`), so
+        that both are measured over the same seconds: a machine whose speed drifts (a shared one
+        does, by 20% and more) moves both alike, and the comparison stays fair."""
+        if i == self._probe and self._probe_turn:
+            self._probe_sum[0] += ns
+            self._probe_sum[1] += rows
+            self._probe_n += 1
+        elif i == self.best and not self._probe_turn:
+            self._control_sum[0] += ns
+            self._control_sum[1] += rows
+            self._control_n += 1
+        else:  # the queue did not fill the batch asked for
+            self._probe_age += 1
+            if self._probe_age > 2 * PROBE_EVERY:  # it never fills the probe: give up for now
+                self._probe = -1
+                self._climbing = False
+                self._since = 0
+            return
+        self._probe_turn = self._probe_n <= self._control_n
+        if self._probe_n >= MIN_SAMPLES and self._control_n >= MIN_SAMPLES:
+            self._decide()
+
     def _start_probe(self, j: int) -> None:
-        self._probe, self._probe_ns, self._probe_rows, self._probe_n, self._probe_age = j, 0.0, 0.0, 0, 0
+        self._probe, self._probe_n, self._control_n, self._probe_age = j, 0, 0, 0
+        self._probe_sum, self._control_sum = [0.0, 0.0], [0.0, 0.0]
+        self._probe_turn = True
 
     def _decide(self) -> None:
-        """The probed bucket has its fresh samples: move to it or stay."""
-        probe = self._probe
-        self._ns[probe] = self._probe_ns / self._probe_n  # what it costs now, not a blend with before
-        self._rows[probe] = self._probe_rows / self._probe_n
+        """The probed bucket and the best have their paired samples: move to the probe or stay."""
+        probe, best = self._probe, self.best
         self._probe = -1
-        if self.throughput(probe) > self.throughput(self.best) * MARGIN:
+        for i, (ns, rows), n in ((probe, self._probe_sum, self._probe_n), (best, self._control_sum, self._control_n)):
+            self._ns[i], self._rows[i] = ns / n, rows / n  # what each costs now, not a blend with before
+        gain = self.throughput(probe) / self.throughput(best)
+        if gain > (MARGIN_UP if probe > best else 1.0):
             self.best = probe
             self._every = PROBE_EVERY
-        elif self.throughput(probe) < self.throughput(self.best) * DIP:
+        elif gain < DIP:
             self._every = min(MAX_PROBE_EVERY, self._every * 2)
         # climbing goes on through a dip (mlp is slower per row at 8 than at 4, faster at 16), and
         # stops where a size is clearly worse than the best so far, or at the top
-        if self._climbing and probe + 1 < len(self.sizes) and self.throughput(probe) >= \
-                self.throughput(self.best) * DIP:
+        if self._climbing and probe + 1 < len(self.sizes) and gain >= DIP:
             self._start_probe(probe + 1)
             return
         self._climbing = False

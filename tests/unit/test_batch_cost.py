@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import math
 import random
 import threading
 import time
@@ -52,14 +53,35 @@ def drive(curve: CostCurve, rates: dict[int, float], batches: int, noise: float 
 
 
 # size() is the top of the chosen bucket: bucket 4 forms up to 5 rows, bucket 16 up to 23
-@pytest.mark.parametrize("rates, chosen", [(MINILM, {1, 2, 3, 5, 7}), (MLP, {23, 31, 47, 63, 64}),
+@pytest.mark.parametrize("rates, chosen", [(MINILM, {1, 2, 3, 5, 7}), (MLP, {15, 23, 31, 47, 63, 64}),
                                            (ADD_SUB, {63, 64})])
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_the_curve_finds_the_best_rows_per_second(rates, chosen, seed):
     curve = CostCurve(64)
     achieved = drive(curve, rates, 2000, seed=seed)
     assert curve.size() in chosen
-    assert achieved >= 0.97 * max(rates.values())  # exploration and probes cost little
+    assert achieved >= 0.95 * max(rates.values())  # exploration and probes included
+
+
+@pytest.mark.parametrize("rates", [MINILM, MLP, ADD_SUB])
+def test_a_machine_whose_speed_drifts_does_not_mislead_it(rates):
+    """The machine runs up to 35% faster or slower in waves of 10-40 s (a shared one does), with
+    10% noise per batch: the rows done stay within 5% of what the best size would have done in
+    the same time, since a probe's batches alternate with the best's."""
+    rng = random.Random(4)
+    curve = CostCurve(64)
+    period = rng.uniform(10, 40)
+    clock = rows_done = ideal = 0.0
+    best = max(rates.values())
+    while clock < (300 if rates is MINILM else 20):
+        n = curve.size()
+        speed = math.exp(0.3 * math.sin(2 * math.pi * clock / period))
+        seconds = n / rate(rates, n) / speed * rng.lognormvariate(0, 0.1)
+        curve.observe(n, int(seconds * 1e9))
+        clock += seconds
+        rows_done += n
+        ideal += seconds * best * speed
+    assert rows_done >= 0.95 * ideal
 
 
 def test_a_flat_curve_stays_at_small_batches_and_learning_off_takes_the_largest():
@@ -77,7 +99,7 @@ def test_a_flat_curve_stays_at_small_batches_and_learning_off_takes_the_largest(
 def test_the_choice_follows_a_change_in_cost():
     curve = CostCurve(64)
     drive(curve, ADD_SUB, 300)
-    assert curve.size() == 64
+    assert curve.size() in (63, 64)
     # the model becomes slower per row in large batches (say, longer inputs): the probes find it
     slower = {1: 100, 2: 110, 4: 120, 8: 90, 16: 60, 32: 40, 64: 30}
     drive(curve, slower, 4000, seed=2)
@@ -183,10 +205,12 @@ def test_the_batcher_forms_the_size_that_costs_least_per_row():
 def test_a_fixed_cost_per_batch_climbs_to_the_largest():
     async def main():
         batcher, inst, _ = make("max_batch_size: 8\ndynamic_batching {}", lambda n: 0.004)
-        await closed_loop(batcher, 16, 10)
-        # learning climbs from 1, each bucket twice (bucket 4 takes 4-5 rows, bucket 6 6-7)
-        assert inst.batches[:12] == [1, 1, 2, 2, 3, 3, 5, 5, 7, 7, 8, 8], inst.batches
-        assert inst.batches[12:20] == [8] * 8, inst.batches  # (the last ones are partial: clients finish)
+        await closed_loop(batcher, 16, 30)
+        # learning starts at 1, then each bucket up (2, 3, 4-5, 6-7, 8) is probed: 5 of its
+        # batches alternate with 5 at the best so far
+        assert inst.batches[:5] == [1] * 5, inst.batches
+        assert inst.batches[5:15] == [2, 1] * 5, inst.batches
+        assert inst.batches[55:71] == [8] * 16, inst.batches  # then all 8 until the next probe
 
     asyncio.run(main())
 
