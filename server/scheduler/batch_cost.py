@@ -6,8 +6,11 @@ loses a fifth of the throughput exactly when the queue is deep. `CostCurve` meas
 
     buckets    1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, ... up to max_batch_size (and
                max_batch_size itself): a batch of r rows counts in the largest bucket <= r. Per
-               bucket, moving averages of the batch's wall time on its instance (dispatch to
-               completion) and of its rows.
+               bucket, moving averages of the batch's execution time (on the instance's thread:
+               the inputs' concatenation, the model, the outputs' split) and of its rows. The
+               hand-offs to the thread and back are left out: where the event loop is what limits
+               throughput (add_sub), they grow with the load rather than the batch, and counting
+               them made add_sub's curve flat and its batches smaller (mean 20 rows, not 27).
     size       the most rows to form: up to the top of the bucket with the most rows per second
                (bucket 4 forms 4 or 5 rows), so that a batch is what its bucket measured.
     learning   a probe measures a bucket against the best, their batches alternating (5 of each),
@@ -95,7 +98,7 @@ class CostCurve:
     # ---- learning ------------------------------------------------------------------------------
 
     def observe(self, rows: int, ns: int) -> None:
-        """One batch of `rows` rows took `ns` on its instance."""
+        """One batch of `rows` rows took `ns` to execute."""
         i = bisect.bisect_right(self.sizes, rows) - 1
         if self._samples[i]:
             self._ns[i] += ALPHA * (ns - self._ns[i])

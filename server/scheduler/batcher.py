@@ -346,15 +346,15 @@ class Batcher:
         started = time.perf_counter_ns()
         rows = [p.work.rows for p in batch]
         loop = self._loop or asyncio.get_running_loop()
-        done = functools.partial(self._on_executed, batch, instance, seq, started, sum(rows), lent, inline=False)
+        done = functools.partial(self._on_executed, batch, instance, seq, started, sum(rows), lent)
         # inline only at low load (lone requests): under load, batches on the thread grow larger
-        if self._inline and len(batch) == 1 and self._batch_ewma < 1.5 and not self._queued_rows:
+        if self._inline and len(batch) == 1 and self._batch_ewma < 1.5:
             fut: asyncio.Future = loop.create_future()
             try:
                 fut.set_result(execute_batch(instance, [p.work.feeds for p in batch], list(outputs), rows))
             except Exception as exc:
                 fut.set_exception(exc)
-            loop.call_soon(functools.partial(done, inline=True), fut)  # not now: _schedule is what called us
+            loop.call_soon(done, fut)  # not now: _schedule is what called us
             return
         if self._requests:
             requests = [Request(p.work.feeds, p.work.outputs, p.work.id, p.work.parameters,
@@ -371,7 +371,7 @@ class Batcher:
     # ---- completion -----------------------------------------------------------------------------
 
     def _on_executed(self, batch: list[_Pending], instance: Instance, seq: int, started: int, rows: int,
-                     lent: bool, fut: asyncio.Future, inline: bool) -> None:
+                     lent: bool, fut: asyncio.Future) -> None:
         if lent:  # its holder still has it
             left = self._lent.get(instance, 0) - 1
             if left > 0:
@@ -385,8 +385,8 @@ class Batcher:
         try:
             parts, timings = fut.result()
             done = _Done(batch, parts, None, started, timings, rows)
-            if self.curve is not None and not inline:  # an inline batch costs no hand-off: not comparable
-                self.curve.observe(rows, time.perf_counter_ns() - started)
+            if self.curve is not None:
+                self.curve.observe(rows, sum(timings))
             if self._inline_allowed:
                 self._batch_ewma = 0.8 * self._batch_ewma + 0.2 * len(batch)
                 self._exec_ewma_ns = 0.8 * self._exec_ewma_ns + 0.2 * sum(timings)

@@ -13,21 +13,21 @@ import tritonclient.http as httpclient
 from conftest import model_stats as stats
 from tritonclient.utils import InferenceServerException
 
-# Sleeps for the batch's cost: PER_ROW seconds a row up to CHEAP_UP_TO rows, DEAR a row beyond. ROWS
-# says how many rows the batch that answered a request had.
+# Sleeps for the batch's cost: FIXED seconds a batch plus PER_ROW a row up to CHEAP_UP_TO rows, DEAR
+# a row beyond. ROWS says how many rows the batch that answered a request had.
 COSTED = '''
 import time
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-PER_ROW, CHEAP_UP_TO, DEAR = {per_row}, {cheap_up_to}, {dear}
+FIXED, PER_ROW, CHEAP_UP_TO, DEAR = {fixed}, {per_row}, {cheap_up_to}, {dear}
 
 
 class TritonPythonModel:
     def execute(self, requests):
         xs = [pb_utils.get_input_tensor_by_name(r, "X").as_numpy() for r in requests]
         rows = sum(x.shape[0] for x in xs)
-        time.sleep(rows * (PER_ROW if rows <= CHEAP_UP_TO else DEAR))
+        time.sleep(FIXED + rows * PER_ROW if rows <= CHEAP_UP_TO else rows * DEAR)
         return [pb_utils.InferenceResponse(output_tensors=[
             pb_utils.Tensor("Y", x * 2), pb_utils.Tensor("ROWS", np.full((x.shape[0], 1), rows, np.int32))])
             for x in xs]
@@ -49,11 +49,11 @@ def param(key: str, value: str) -> str:
 @pytest.fixture(scope="module")
 def server(start_server, tmp_path_factory):
     repo = tmp_path_factory.mktemp("learned_repo")
-    cheap_at_two = COSTED.format(per_row=0.002, cheap_up_to=2, dear=0.006)
+    cheap_at_two = COSTED.format(fixed=0.002, per_row=0.001, cheap_up_to=2, dear=0.006)
     pm.write(repo, "learned", CONFIG, cheap_at_two)
     pm.write(repo, "greedy", CONFIG + param("fuserve_batch_learning", "false"), cheap_at_two)
     pm.write(repo, "targeted", CONFIG + param("fuserve_latency_target_ms", "100"),
-             COSTED.format(per_row=0.02, cheap_up_to=16, dear=0.02))
+             COSTED.format(fixed=0.0, per_row=0.02, cheap_up_to=16, dear=0.02))
     return start_server(repo)
 
 
