@@ -12,7 +12,9 @@ loses a fifth of the throughput exactly when the queue is deep. `CostCurve` meas
                throughput (add_sub), they grow with the load rather than the batch, and counting
                them made add_sub's curve flat and its batches smaller (mean 20 rows, not 27).
     size       the most rows to form: up to the top of the bucket with the most rows per second
-               (bucket 4 forms 4 or 5 rows), so that a batch is what its bucket measured.
+               (bucket 4 forms 4 or 5 rows), so that a batch is what its bucket measured; but
+               only where the bucket above it was measured and did no better. Otherwise
+               everything queued (up to max_batch_size), as Triton forms it.
     learning   a probe measures a bucket against the best, their batches alternating (5 of each),
                so that a machine whose speed drifts moves both alike. Climbing from 1, each bucket
                up is probed while it stays within 10% of the best so far; then every PROBE_EVERY
@@ -43,7 +45,8 @@ DIP = 0.9  # the first climb goes on past a size at least this good relative to 
 
 class CostCurve:
     __slots__ = ("sizes", "_ns", "_rows", "_samples", "best", "_probe", "_probe_turn", "_probe_sum", "_probe_n",
-                 "_control_sum", "_control_n", "_probe_age", "_every", "_climbing", "_since", "_up_next", "enabled")
+                 "_control_sum", "_control_n", "_probe_age", "_every", "_climbing", "_since", "_up_next", "_capped",
+                 "enabled")
 
     def __init__(self, max_rows: int, enabled: bool = True) -> None:
         sizes = [1, 2, 3]  # then steps of 1.5x and 1.33x in turn: 4, 6, 8, 12, 16, 24, 32, 48, 64, ...
@@ -64,15 +67,25 @@ class CostCurve:
         self._since = 0
         self._every = PROBE_EVERY  # doubles (to MAX_PROBE_EVERY) while probes come out clearly worse
         self._up_next = True
+        # whether batches are cut to the best: not after a probe of the size above was given up (a
+        # queue that never fills it is no reason to leave requests waiting); again once a probe
+        # completes. The climb starts cut, at 1.
+        self._capped = True
 
     # ---- what to form ---------------------------------------------------------------------------
 
     def size(self) -> int:
-        """The most rows to take: every batch size in the chosen bucket (the best, or in turn the
-        best and the one being measured), so that what is formed is what the bucket measured."""
+        """The most rows to take: while a bucket is probed, the top of it and of the best in turn
+        (so that what is formed is what the bucket measured); else the top of the best bucket
+        where the one above it measured no better, and everything queued where it did not."""
         if not self.enabled:
             return self.sizes[-1]
-        i = (self._probe if self._probe >= 0 and self._probe_turn else self.best) + 1
+        if self._probe >= 0:
+            i = (self._probe if self._probe_turn else self.best) + 1
+        elif self._capped:
+            i = self.best + 1
+        else:
+            return self.sizes[-1]
         return self.sizes[i] - 1 if i < len(self.sizes) else self.sizes[-1]
 
     def throughput(self, i: int) -> float:
@@ -109,7 +122,7 @@ class CostCurve:
         if self._probe >= 0:
             self._observe_probe(i, rows, ns)
             return
-        if i != self.best:
+        if i != self.best and self._capped:
             return
         self._since += 1
         if self._climbing and self._samples[i] >= MIN_SAMPLES:  # the start: climb from 1
@@ -135,6 +148,8 @@ class CostCurve:
         else:  # the queue did not fill the batch asked for
             self._probe_age += 1
             if self._probe_age > 2 * PROBE_EVERY:  # it never fills the probe: give up for now
+                if self._probe > self.best:
+                    self._capped = False
                 self._probe = -1
                 self._climbing = False
                 self._since = 0
@@ -160,6 +175,7 @@ class CostCurve:
             self._every = PROBE_EVERY
         elif gain < DIP:
             self._every = min(MAX_PROBE_EVERY, self._every * 2)
+        self._capped = True  # the best is measured, and so is the size above or the probes go on
         # climbing goes on through a dip (mlp is slower per row at 8 than at 4, faster at 16), and
         # stops where a size is clearly worse than the best so far, or at the top
         if self._climbing and probe + 1 < len(self.sizes) and gain >= DIP:
