@@ -289,7 +289,10 @@ def brisk(start_server, tmp_path_factory):
     mb.generated(repo, "add_sub")
     mb.generated(repo, "add_sub", as_name="add_sub_delayed")
     config = repo / "add_sub_delayed" / "config.pbtxt"
-    config.write_text(config.read_text() + "dynamic_batching { max_queue_delay_microseconds: 2500000 }\n")
+    # Triton's rule (learning off): a lone request waits the whole delay for company, where the
+    # learned size (1 at first) would send it at once
+    config.write_text(config.read_text() + "dynamic_batching { max_queue_delay_microseconds: 2500000 }\n"
+                      'parameters { key: "fuserve_batch_learning" value: { string_value: "false" } }\n')
     return start_server(repo, "--http-header-timeout-secs", "1", "--http-keepalive-timeout-secs", "2")
 
 
