@@ -292,13 +292,16 @@ def _cost_parameters(config: ModelConfig, where: str) -> tuple[bool, float]:
             target = float(text)
         except ValueError:
             target = -1.0
-        if not 0 < target < 3_600_000:  # NaN fails too
+        if not 1e-6 <= target < 3_600_000:  # NaN fails too; below 1 ns it would round to no target
             raise ModelLoadError(f"{where}: parameter {LATENCY_TARGET_PARAMETER} must be a positive number of "
                                  f"milliseconds, got '{text}'")
     batching = config.HasField("dynamic_batching") and config.max_batch_size > 0
     for key in (LEARNING_PARAMETER, LATENCY_TARGET_PARAMETER):
         if key in params and not batching:
             raise ModelLoadError(f"{where}: parameter {key} needs dynamic_batching and max_batch_size > 0")
+    if learn == "true" and LEARNING_PARAMETER in params and batching and config.dynamic_batching.preferred_batch_size:
+        raise ModelLoadError(f"{where}: parameter {LEARNING_PARAMETER} \"true\" cannot be honoured with "
+                             f"preferred_batch_size, which decides the batch sizes itself")
     return learn == "true", target
 
 

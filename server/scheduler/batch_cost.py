@@ -169,7 +169,7 @@ class CostCurve:
         self._probe = -1
         for i, (ns, rows), n in ((probe, self._probe_sum, self._probe_n), (best, self._control_sum, self._control_n)):
             self._ns[i], self._rows[i] = ns / n, rows / n  # what each costs now, not a blend with before
-        gain = self.throughput(probe) / self.throughput(best)
+        gain = self.throughput(probe) / max(self.throughput(best), 1e-9)  # (a clock that read 0 ns)
         if gain > (MARGIN_UP if probe > best else 1.0):
             self.best = probe
             self._every = PROBE_EVERY

@@ -170,8 +170,8 @@ class Batcher:
         """Latency-target mode: refuse a request that would complete past the target, predicted from
         the queue ahead of it and the learned cost (nothing is refused before anything is learned)."""
         assert self.curve is not None
-        busy = self._executing >= len(self.pool.instances)
         instances = len(self.pool.instances)
+        busy = self._executing >= instances
         predicted = self.curve.drain_ns(self._queued_rows + rows, instances) * HEADROOM
         if busy:  # what runs now is, on average, half done
             predicted += self.curve.predict(self.curve.size()) / 2
@@ -385,8 +385,6 @@ class Batcher:
         try:
             parts, timings = fut.result()
             done = _Done(batch, parts, None, started, timings, rows)
-            if self.curve is not None:
-                self.curve.observe(rows, sum(timings))
             if self._inline_allowed:
                 self._batch_ewma = 0.8 * self._batch_ewma + 0.2 * len(batch)
                 self._exec_ewma_ns = 0.8 * self._exec_ewma_ns + 0.2 * sum(timings)
@@ -394,6 +392,8 @@ class Batcher:
                 self._inline = self._exec_ewma_ns < (INLINE_BELOW_NS if self._inline else INLINE_BELOW_NS / 2)
         except Exception as exc:
             done = _Done(batch, None, self._as_error(exc), started, rows=rows)
+        if self.curve is not None and done.parts is not None:  # outside the try: never fails a good batch
+            self.curve.observe(rows, sum(done.timings))
         if self.preserve_ordering:
             self._finished[seq] = done
             while self._answer_seq in self._finished:

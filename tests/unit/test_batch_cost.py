@@ -266,6 +266,9 @@ def test_latency_target_cuts_a_long_queue_delay_short():
     ("dynamic_batching {}\n" + param("fuserve_latency_target_ms", "-3"), "fuserve_latency_target_ms must be"),
     ("dynamic_batching {}\n" + param("fuserve_latency_target_ms", "nan"), "fuserve_latency_target_ms must be"),
     (param("fuserve_latency_target_ms", "50"), "fuserve_latency_target_ms needs dynamic_batching"),
+    ("dynamic_batching {}\n" + param("fuserve_latency_target_ms", "1e-9"), "fuserve_latency_target_ms must be"),
+    ("dynamic_batching { preferred_batch_size: [4] }\n" + param("fuserve_batch_learning", "true"),
+     "cannot be honoured with preferred_batch_size"),
 ])
 def test_bad_cost_parameters_fail_the_load(config, message):
     cfg = text_format.Parse('name: "m"\nmax_batch_size: 8\ninput [{name: "x" data_type: TYPE_FP32 dims: [-1]}]\n'
