@@ -18,11 +18,14 @@ loses a fifth of the throughput exactly when the queue is deep. `CostCurve` meas
     learning   a probe measures a bucket against the best, their batches alternating (5 of each),
                so that a machine whose speed drifts moves both alike. Climbing from 1, each bucket
                up is probed while it stays within 10% of the best so far; then every PROBE_EVERY
-               batches at the best size, the neighbour above or below (in turn). The probe wins
+               batches, the neighbour above or below the best (in turn). The probe wins
                when it does more rows per second (5% more for a larger size: on a tie, the
                smaller batch is the lower latency); the interval doubles, up to 256, while probes
-               come out 10% worse. A probe the queue never fills is given up. Measured sizes
-               only: no shape of the curve is assumed. The constants come from simulating the
+               come out 10% worse. A probe the queue never fills is given up. Batches are filed
+               by the probe and side that formed them (a tag from `formed`), not by when or where
+               they complete, and a side is judged by its own batches' rows per second: requests
+               of several rows each may not form every bucket. Measured sizes only: no shape of
+               the curve is assumed. The constants come from simulating the
                curves measured in docs/perf.md with 5-20% noise per batch and the machine's
                speed drifting by up to 35% over 10-40 s (tests/unit/test_batch_cost.py drives
                the same simulation).
@@ -46,7 +49,7 @@ DIP = 0.9  # the first climb goes on past a size at least this good relative to 
 class CostCurve:
     __slots__ = ("sizes", "_ns", "_rows", "_samples", "best", "_probe", "_probe_turn", "_probe_sum", "_probe_n",
                  "_control_sum", "_control_n", "_probe_age", "_every", "_climbing", "_since", "_up_next", "_capped",
-                 "enabled")
+                 "_gen", "enabled")
 
     def __init__(self, max_rows: int, enabled: bool = True) -> None:
         sizes = [1, 2, 3]  # then steps of 1.5x and 1.33x in turn: 4, 6, 8, 12, 16, 24, 32, 48, 64, ...
@@ -63,6 +66,7 @@ class CostCurve:
         self._probe_turn = False  # whether the next batch is the probe's
         self._probe_sum, self._control_sum = [0.0, 0.0], [0.0, 0.0]  # (ns, rows) of the probe's, the best's
         self._probe_n = self._control_n = self._probe_age = 0
+        self._gen = 0  # counts probes begun and ended: a batch's tag says which one formed it
         self._climbing = True
         self._since = 0
         self._every = PROBE_EVERY  # doubles (to MAX_PROBE_EVERY) while probes come out clearly worse
@@ -102,16 +106,29 @@ class CostCurve:
                     return self._ns[j] * rows / self._rows[j]
         return 0.0
 
-    def drain_ns(self, rows: int, instances: int) -> float:
-        """Predicted time to execute `rows` queued rows, in batches of `size()`, on `instances`."""
-        size = self.size()
+    def drain_ns(self, rows: int, instances: int, size: int = 0) -> float:
+        """Predicted time to execute `rows` queued rows, in batches of `size` (0: `size()`), on
+        `instances`."""
+        size = size or self.size()
         full, rest = divmod(rows, size)
         return (full * self.predict(size) + (self.predict(rest) if rest else 0.0)) / instances
 
     # ---- learning ------------------------------------------------------------------------------
 
-    def observe(self, rows: int, ns: int) -> None:
-        """One batch of `rows` rows took `ns` to execute."""
+    def formed(self, bound: bool) -> int:
+        """A batch of `size()` rows at most is being dispatched; `bound`: the size is what stopped
+        it (it reached the size, or the next request would not fit), not the queue running out.
+        Returns the tag `observe` takes back: which probe and which side of it formed the batch, so
+        that a batch is filed by what it was formed for, whenever and on whichever instance it
+        completes. While probing, the turn passes to the other side."""
+        turn = self._probe >= 0 and self._probe_turn
+        if self._probe >= 0:
+            self._probe_turn = not self._probe_turn
+        return (self._gen << 2) | (turn << 1) | bound
+
+    def observe(self, rows: int, ns: int, tag: int = -1) -> None:
+        """A batch of `rows` rows took `ns` to execute; `tag`: what `formed` returned for it (-1: a
+        batch formed outside the learned size, such as a BLS request on a lent instance)."""
         i = bisect.bisect_right(self.sizes, rows) - 1
         if self._samples[i]:
             self._ns[i] += ALPHA * (ns - self._ns[i])
@@ -119,57 +136,67 @@ class CostCurve:
         else:
             self._ns[i], self._rows[i] = float(ns), float(rows)
         self._samples[i] += 1
-        if self._probe >= 0:
-            self._observe_probe(i, rows, ns)
+        if tag < 0 or tag >> 2 != self._gen:  # formed before the probe now running began or ended
             return
-        if i != self.best and self._capped:
+        if self._probe >= 0:
+            self._observe_probe(i, rows, ns, bool(tag & 2), bool(tag & 1))
             return
         self._since += 1
-        if self._climbing and self._samples[i] >= MIN_SAMPLES:  # the start: climb from 1
-            if i + 1 < len(self.sizes):
-                self._start_probe(i + 1)
+        if self._climbing and self._since >= MIN_SAMPLES:  # the start: climb from 1
+            if len(self.sizes) > 1:
+                self._start_probe(self.best + 1)
             else:
                 self._climbing = False
         elif self._since >= self._every:
             self._next_probe()
 
-    def _observe_probe(self, i: int, rows: int, ns: int) -> None:
+    def _observe_probe(self, i: int, rows: int, ns: int, probe_side: bool, bound: bool) -> None:
         """While a bucket is probed, batches alternate between it and the best (see `size`), so
         that both are measured over the same seconds: a machine whose speed drifts (a shared one
-        does, by 20% and more) moves both alike, and the comparison stays fair."""
-        if i == self._probe and self._probe_turn:
-            self._probe_sum[0] += ns
-            self._probe_sum[1] += rows
-            self._probe_n += 1
-        elif i == self.best and not self._probe_turn:
-            self._control_sum[0] += ns
-            self._control_sum[1] += rows
-            self._control_n += 1
-        else:  # the queue did not fill the batch asked for
+        does, by 20% and more) moves both alike, and the comparison stays fair. A batch counts for
+        its side where it reached that side's bucket, or where the size bound it: requests of
+        several rows each cannot form every bucket (two-row requests never make 1 or 3), and a
+        batch as large as the requests allow is what that size forms. A batch the queue ran out
+        on tells nothing about the size."""
+        side = self._probe if probe_side else self.best
+        if i < side and not bound:  # the queue did not fill the batch asked for
             self._probe_age += 1
             if self._probe_age > 2 * PROBE_EVERY:  # it never fills the probe: give up for now
                 if self._probe > self.best:
                     self._capped = False
-                self._probe = -1
+                self._end_probe()
                 self._climbing = False
-                self._since = 0
             return
-        self._probe_turn = self._probe_n <= self._control_n
+        sums = self._probe_sum if probe_side else self._control_sum
+        sums[0] += ns
+        sums[1] += rows
+        if probe_side:
+            self._probe_n += 1
+        else:
+            self._control_n += 1
         if self._probe_n >= MIN_SAMPLES and self._control_n >= MIN_SAMPLES:
             self._decide()
 
     def _start_probe(self, j: int) -> None:
+        self._gen += 1
         self._probe, self._probe_n, self._control_n, self._probe_age = j, 0, 0, 0
         self._probe_sum, self._control_sum = [0.0, 0.0], [0.0, 0.0]
         self._probe_turn = True
 
-    def _decide(self) -> None:
-        """The probed bucket and the best have their paired samples: move to the probe or stay."""
-        probe, best = self._probe, self.best
+    def _end_probe(self) -> None:
+        self._gen += 1
         self._probe = -1
-        for i, (ns, rows), n in ((probe, self._probe_sum, self._probe_n), (best, self._control_sum, self._control_n)):
-            self._ns[i], self._rows[i] = ns / n, rows / n  # what each costs now, not a blend with before
-        gain = self.throughput(probe) / max(self.throughput(best), 1e-9)  # (a clock that read 0 ns)
+        self._since = 0
+
+    def _decide(self) -> None:
+        """The probed size and the best have their paired samples: move to the probe or stay. The
+        two are compared by what their batches did (rows per second of execution), not by the
+        buckets' moving averages: a side's batches may lie in a bucket above its own."""
+        probe, best = self._probe, self.best
+        ours = self._probe_sum[1] / max(self._probe_sum[0], 1.0)  # (a clock that read 0 ns)
+        theirs = self._control_sum[1] / max(self._control_sum[0], 1.0)
+        gain = ours / max(theirs, 1e-18)
+        self._end_probe()
         if gain > (MARGIN_UP if probe > best else 1.0):
             self.best = probe
             self._every = PROBE_EVERY
@@ -182,7 +209,6 @@ class CostCurve:
             self._start_probe(probe + 1)
             return
         self._climbing = False
-        self._since = 0
 
     def _next_probe(self) -> None:
         """Every PROBE_EVERY batches at the best size: measure a neighbour again, above and below in

@@ -90,6 +90,7 @@ class Batcher:
         self._queued_rows = 0
         self._timeouts = any(p.default_timeout_us or p.allow_timeout_override for p in self.policies) \
             or self.target_ns > 0
+        self._next_expiry = 0  # the earliest queue deadline not yet handled (perf_counter_ns; 0: none)
         self._queues: list[deque[_Pending]] = [deque() for _ in self.policies]
         self._delayed: deque[_Pending] = deque()  # timed out under DELAY: served after everything else
         self._counts = [0] * len(self.policies)  # queued requests per level (the deques hold stale entries)
@@ -159,6 +160,8 @@ class Batcher:
         # dtypes are the model's (validated), so names and non-batch dims decide what batches together
         key = tuple([(n, a.shape[1:]) for n, a in work.feeds.items()]) if self.max_rows else ()
         pending = _Pending(work, loop.create_future(), key, now, deadline, level, delay_on_timeout)
+        if deadline and (not self._next_expiry or deadline < self._next_expiry):
+            self._next_expiry = deadline
         self._queues[level].append(pending)
         self._counts[level] += 1
         self._queued_rows += work.rows
@@ -172,9 +175,10 @@ class Batcher:
         assert self.curve is not None
         instances = len(self.pool.instances)
         busy = self._executing >= instances
-        predicted = self.curve.drain_ns(self._queued_rows + rows, instances) * HEADROOM
+        size = self._limit(0)  # the batches it will form, cut to what the target affords
+        predicted = self.curve.drain_ns(self._queued_rows + rows, instances, size) * HEADROOM
         if busy:  # what runs now is, on average, half done
-            predicted += self.curve.predict(self.curve.size()) / 2
+            predicted += self.curve.predict(size) / 2
         if predicted > self.target_ns:
             raise Rejected(f"inference request for model '{self.name}' rejected: its predicted completion "
                            f"({predicted / 1e6:.1f} ms) exceeds its latency target {self.target_ns / 1e6:g} ms")
@@ -207,18 +211,26 @@ class Batcher:
                     yield p
 
     def _expire(self, now: int) -> int:
-        """Handle requests past their queue timeout; return the next deadline (0: none)."""
+        """Handle requests past their queue timeout; return the next deadline (0: none). A pass
+        over the queue only once the earliest deadline has come (new ones lower it in `enqueue`)."""
+        if not self._next_expiry or now < self._next_expiry:
+            return self._next_expiry
         next_deadline = 0
         for p in list(self._live()):
-            if not p.deadline or p.level < 0:
+            if not p.deadline:
                 continue
             if p.deadline > now:
                 next_deadline = p.deadline if not next_deadline else min(next_deadline, p.deadline)
                 continue
-            self._counts[p.level] -= 1
-            if p.delay_on_timeout:  # DELAY: behind every request that has not timed out
-                p.level, p.deadline = -1, 0
+            if p.level >= 0:
+                self._counts[p.level] -= 1
+            if p.delay_on_timeout and p.level >= 0:  # DELAY: behind every request that has not timed out
+                p.level, p.delay_on_timeout = -1, False
+                # a latency target still holds there (it is later than the timeout, or this was no DELAY)
+                p.deadline = p.arrival + self.target_ns if self.target_ns else 0
                 self._delayed.append(p)
+                if p.deadline:
+                    next_deadline = p.deadline if not next_deadline else min(next_deadline, p.deadline)
             else:
                 p.taken = True
                 self._queued_rows -= p.work.rows
@@ -226,15 +238,17 @@ class Batcher:
                 target = f", past its latency target {self.target_ns / 1e6:g} ms" if self.target_ns else ""
                 p.future.set_exception(Rejected(
                     f"inference request for model '{self.name}' timed out in the queue after {waited} us{target}"))
+        self._next_expiry = next_deadline
         return next_deadline
 
-    def _form(self, now: int) -> tuple[list[_Pending] | None, int]:
-        """The batch to dispatch now, or (None, when to look again)."""
+    def _form(self, now: int) -> tuple[list[_Pending] | None, int, bool]:
+        """The batch to dispatch now, or (None, when to look again); and whether the size limit is
+        what ended the batch (rather than the queue)."""
         first = next(self._live(), None)
         if first is None:
-            return None, 0
+            return None, 0, False
         if not self.max_rows:
-            return [first], 0
+            return [first], 0, True
         limit = self._limit(now - first.arrival)
         batch: list[_Pending] = []
         rows, full = 0, False
@@ -250,13 +264,13 @@ class Batcher:
                 full = True
                 break
         if self.preferred and rows >= self.preferred[-1]:
-            return self._cut_to_preferred(batch), 0
+            return self._cut_to_preferred(batch), 0, True
         hold_until = first.arrival + self.delay_ns
         if self.target_ns and self.curve is not None:  # hold only while the target can still be met
             hold_until = min(hold_until, first.arrival + self.target_ns - int(HEADROOM * self.curve.predict(limit)))
         if full or self.delay_ns == 0 or now >= hold_until:
-            return batch, 0
-        return None, hold_until
+            return batch, 0, full
+        return None, hold_until, False
 
     def _limit(self, waited: int) -> int:
         """The most rows to form: the learned size (the largest where learning is off), in
@@ -295,13 +309,13 @@ class Batcher:
                 if self._blocked:
                     self._lend()
                 break
-            batch, when = self._form(now)
+            batch, when, bound = self._form(now)
             if batch is None:
                 self.pool.release(instance)
                 if when:
                     wake_at = min(wake_at, when) if wake_at else when
                 break
-            self._dispatch(batch, instance)
+            self._dispatch(batch, instance, tag=self.curve.formed(bound) if self.curve is not None else -1)
         if wake_at:
             loop = self._loop or asyncio.get_running_loop()
             self._timer = loop.call_at(loop.time() + max(0, wake_at - time.perf_counter_ns()) / 1e9, self._schedule)
@@ -331,7 +345,8 @@ class Batcher:
                 self._lent[instance] = self._lent.get(instance, 0) + 1
                 self._dispatch([p], instance, lent=True)
 
-    def _dispatch(self, batch: list[_Pending], instance: Instance, lent: bool = False) -> None:
+    def _dispatch(self, batch: list[_Pending], instance: Instance, lent: bool = False, tag: int = -1) -> None:
+        """Execute `batch` on `instance`; `tag`: the curve's, for what it was formed as (-1: none)."""
         outputs: dict[str, None] = {}
         for p in batch:
             p.taken = True
@@ -346,7 +361,7 @@ class Batcher:
         started = time.perf_counter_ns()
         rows = [p.work.rows for p in batch]
         loop = self._loop or asyncio.get_running_loop()
-        done = functools.partial(self._on_executed, batch, instance, seq, started, sum(rows), lent)
+        done = functools.partial(self._on_executed, batch, instance, seq, started, sum(rows), lent, tag)
         # inline only at low load (lone requests): under load, batches on the thread grow larger
         if self._inline and len(batch) == 1 and self._batch_ewma < 1.5:
             fut: asyncio.Future = loop.create_future()
@@ -371,7 +386,7 @@ class Batcher:
     # ---- completion -----------------------------------------------------------------------------
 
     def _on_executed(self, batch: list[_Pending], instance: Instance, seq: int, started: int, rows: int,
-                     lent: bool, fut: asyncio.Future) -> None:
+                     lent: bool, tag: int, fut: asyncio.Future) -> None:
         if lent:  # its holder still has it
             left = self._lent.get(instance, 0) - 1
             if left > 0:
@@ -392,8 +407,11 @@ class Batcher:
                 self._inline = self._exec_ewma_ns < (INLINE_BELOW_NS if self._inline else INLINE_BELOW_NS / 2)
         except Exception as exc:
             done = _Done(batch, None, self._as_error(exc), started, rows=rows)
-        if self.curve is not None and done.parts is not None:  # outside the try: never fails a good batch
-            self.curve.observe(rows, sum(done.timings))
+        # outside the try: learning never fails a good batch. A batch with a request that failed was
+        # (for a concatenated one) executed again request by request: its time is not the batch's.
+        if self.curve is not None and done.parts is not None \
+                and not any(isinstance(part, Exception) for part in done.parts):
+            self.curve.observe(rows, sum(done.timings), tag)
         if self.preserve_ordering:
             self._finished[seq] = done
             while self._answer_seq in self._finished:
