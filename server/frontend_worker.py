@@ -49,9 +49,18 @@ class SchedulerClient:
         self._ids = itertools.count(1)
         # kept: under uvloop, asyncio.get_running_loop() costs a getpid() system call
         self.loop = asyncio.get_running_loop()
+        # inferences of this loop turn, by ipc.group_key: sent as groups once the turn's handlers ran
+        self._grouping: dict[tuple, list[tuple[int, InferRequest]]] = {}
 
     def on_messages(self, messages: list[ipc.Message]) -> None:
         for kind, rid, payload in messages:
+            if kind == "gok":  # a group's answer, one response per member
+                response, members = payload
+                for member, answer in ipc.split_group(ipc.unpack_response(response), members):
+                    fut = self.pending.pop(member, None)
+                    if fut is not None and not fut.done():
+                        fut.set_result(answer)
+                continue
             parts = self.streams.get(rid)
             if parts is not None:
                 parts.put_nowait((kind, payload))
@@ -82,6 +91,10 @@ class SchedulerClient:
         rid = next(self._ids)
         fut = self.pending[rid] = self.loop.create_future()
         self.link.send((kind, rid, payload))
+        return await self._answer(rid, fut)
+
+    async def _answer(self, rid: int, fut: asyncio.Future) -> Any:
+        assert self.link is not None
         try:
             return await fut
         except asyncio.CancelledError:
@@ -93,8 +106,33 @@ class SchedulerClient:
             raise
 
     async def infer(self, request: InferRequest) -> InferResponse:
-        result: InferResponse = await self._call("infer", ipc.pack_request(request))
-        return result
+        key = ipc.group_key(request)
+        if key is None:
+            result: InferResponse = await self._call("infer", ipc.pack_request(request))
+            return result
+        if self.link is None or self.link.transport is None:
+            raise Unavailable("the scheduler process is gone")
+        rid = next(self._ids)
+        fut = self.pending[rid] = self.loop.create_future()
+        if not self._grouping:
+            self.loop.call_soon(self._send_groups)
+        self._grouping.setdefault(key, []).append((rid, request))
+        grouped: InferResponse = await self._answer(rid, fut)
+        return grouped
+
+    def _send_groups(self) -> None:
+        """The turn's inferences: one alone as itself, several with one key as a group. A member
+        whose client left meanwhile (no longer pending) is left out."""
+        groups, self._grouping = self._grouping, {}
+        link = self.link
+        if link is None or link.transport is None:
+            return  # on_lost answered them
+        for members in groups.values():
+            members = [m for m in members if m[0] in self.pending]
+            if len(members) == 1:
+                link.send(("infer", members[0][0], ipc.pack_request(members[0][1])))
+            elif members:
+                link.send(("group", members[0][0], ipc.pack_group(members)))
 
     async def refused(self, name: str, version: str, exc: Exception) -> None:
         """A request that did not decode here: the scheduler judges its model (InferenceService.refused)

@@ -6,17 +6,29 @@ and responses travel as tuples of plain values with each tensor's bytes (`pack_r
 friends): pickling numpy arrays and dataclasses directly costs ~15 us a request each way, these
 ~4 us (`loadtests/bench_ipc.py`).
 
-Kinds, worker -> scheduler: `infer` (a packed InferRequest), `cancel` (the client went away),
+Kinds, worker -> scheduler: `infer` (a packed InferRequest), `group` (several inferences of one
+model that arrived in one loop turn, their inputs concatenated: see "Groups" below), `cancel` (the
+client went away),
 `http` (a non-inference REST request, answered by the scheduler's own REST frontend), `grpc` (a
 non-inference gRPC call: method path and message bytes), `gstream` (one message of a streaming
 gRPC call, ModelStreamInfer: path, message bytes; its replies come back as parts), `credit` (n:
 the worker has passed n more parts on), `refused` (an inference the worker could not decode:
 model name, version, error class and message; answered `err`), `hello` (the worker is serving).
-Scheduler -> worker: `ok` (a packed InferResponse), `err` (error class name and message), `http`
+Scheduler -> worker: `ok` (a packed InferResponse), `gok` (a group's answer: the outputs of all its
+requests, concatenated, and the members), `err` (error class name and message), `http`
 (status, body, content type, headers), `shttp` (the same, for an answer whose body streams as
 parts: /generate_stream), `grpc` (status code, message, reply bytes), `part` (the next bytes of a
 streamed answer: events, or serialized gRPC replies, one or a list that leave together), `end`
 (that answer is complete), `gerr` (a streaming gRPC call failed: status code, message).
+
+Groups: what costs the scheduler process CPU is the per-request work (a message to unpack, a check,
+a queue entry, a response to pack), not the bytes. So a worker sends the
+inferences for one model that arrive in one event-loop turn, and that the scheduler would treat
+alike (`group_key`: same inputs' names, datatypes and non-batch dims, same outputs, nothing else
+that changes how they run), as one request of their rows together plus its members' (request id,
+rows, client id). The scheduler runs it as one request where the model allows (server/workers.py
+says when), answered with one `gok`, and otherwise unpacks it and answers each member alone; the
+worker cuts the `gok`'s outputs back into one response per member (`split_group`).
 
 A streamed answer is credited: the scheduler sends at most STREAM_WINDOW parts the worker has not
 passed on, so a client that reads slowly makes the model's sender wait, as without workers, and
@@ -88,6 +100,69 @@ def pack_response(r: InferResponse) -> tuple:
 def unpack_response(p: tuple) -> InferResponse:
     name, version, rid, params, outputs = p
     return InferResponse(name, version, [_unpack_tensor(t) for t in outputs], rid, params or {})
+
+
+GroupMember = tuple[int, int, str]  # the worker's request id, its rows, the client's request id
+# Request parameters that change only how the answer is encoded (in the worker), not how it runs.
+_ENCODING_ONLY = frozenset(("binary_data_output",))
+
+
+def group_key(r: InferRequest) -> tuple | None:
+    """What a request must share with others to travel in one group (None: it travels alone):
+    its model and version, its inputs' names, datatypes and non-batch dims in order, its outputs'
+    names; no parameters but those of its encoding, no shared memory, no BYTES (their elements
+    travel as a list, not as bytes), no classification, one batch size of at least 1 for all
+    inputs. Whether the model batches is the scheduler's to judge."""
+    if r.shared_memory or not r.inputs or (r.parameters and not _ENCODING_ONLY.issuperset(r.parameters)):
+        return None
+    shape = r.inputs[0].shape
+    if not shape or shape[0] < 1:
+        return None
+    rows = shape[0]
+    inputs = []
+    for t in r.inputs:
+        if t.datatype == "BYTES" or len(t.shape) == 0 or t.shape[0] != rows:
+            return None
+        inputs.append((t.name, t.datatype, t.shape[1:]))
+    outputs = []
+    for o in r.outputs:
+        if "classification" in o.parameters:
+            return None
+        outputs.append(o.name)
+    return r.model_name, r.model_version, tuple(inputs), tuple(outputs)
+
+
+def pack_group(members: list[tuple[int, InferRequest]]) -> tuple:
+    """Requests with one `group_key` as one packed request (each input's rows concatenated, in
+    order) and the members."""
+    first = members[0][1]
+    inputs = []
+    for i, t in enumerate(first.inputs):
+        data = b"".join([r.inputs[i].data.tobytes() for _, r in members])
+        rows = sum(r.inputs[i].shape[0] for _, r in members)
+        inputs.append((t.name, t.datatype, (rows, *t.shape[1:]), data, None))
+    packed = (first.model_name, first.model_version, "", None, inputs,
+              [(o.name, None, None, None) for o in first.outputs], False)
+    return packed, [(rid, r.inputs[0].shape[0], r.id) for rid, r in members]
+
+
+def slice_request(r: InferRequest, start: int, stop: int, rid: str = "") -> InferRequest:
+    """Rows start:stop of a group's request (views, no copies), as a request of its own."""
+    inputs = [Tensor(t.name, t.datatype, (stop - start, *t.shape[1:]), t.data[start:stop]) for t in r.inputs]
+    return InferRequest(r.model_name, r.model_version, inputs, r.outputs, rid)
+
+
+def split_group(response: InferResponse, members: list[GroupMember]) -> list[tuple[int, InferResponse]]:
+    """A group's answer as one response per member: each output's rows cut at the members' rows
+    (views, no copies); the scheduler checked that every output has the group's rows."""
+    out = []
+    start = 0
+    for rid, rows, client_id in members:
+        stop = start + rows
+        tensors = [Tensor(t.name, t.datatype, (rows, *t.shape[1:]), t.data[start:stop]) for t in response.outputs]
+        out.append((rid, InferResponse(response.model_name, response.model_version, tensors, client_id)))
+        start = stop
+    return out
 
 
 def pack_error(exc: BaseException) -> tuple[str, str]:

@@ -473,6 +473,66 @@ class InferenceService:
         pending.future.add_done_callback(done)
         return lambda: mv.scheduler.withdraw(pending)
 
+    def group_rows(self, request: InferRequest) -> int:
+        """The most rows of several requests for `request`'s model that `submit_group` takes as one
+        (0: each must be submitted alone): only a batching scheduler's, and none while requests
+        are traced (a trace is one request's)."""
+        mv = self._admit(request)
+        rows = getattr(mv.scheduler, "group_rows", None)
+        if rows is None or mv.decoupled or (self.traces.active and self.tracer is not None):
+            return 0
+        return cast(int, rows())
+
+    def submit_group(self, request: InferRequest, rows: Sequence[int],
+                     reply: Callable[[InferResponse | None, BaseException | None], None]) -> Callable[[], None]:
+        """Several requests of one model as one (a frontend worker's group, ipc.py): `request` holds
+        their inputs' rows concatenated, `rows` each one's, in order, and at most `group_rows`
+        together. Checked once, queued as one Work, so executed in one batch; answered with
+        `reply(response, None)`, one response with every member's rows, each member counted in the
+        statistics as a request of its own. `reply(None, error)`: the group failed for a reason each
+        member would meet alone (a queue timeout), counted for each. `reply(None, None)`: the
+        execution failed, counted for none; the caller submits each member alone, so that only the
+        ones that fail alone get an error (the batcher's rule for a batch). Raises, counting
+        nothing, where the group cannot be queued as one (a check, the queue's admission): the
+        caller then submits each member alone, and each gets its own answer. Returns the function
+        that withdraws it (when every member's client has gone)."""
+        mv = _unary(self._admit(request))
+        start = time.perf_counter_ns()
+        call = self._prepare(mv, request, start)
+        pending = mv.scheduler.enqueue(call.work)
+        self._in_flight += 1
+        self._idle.clear()
+        mv.stats.grouped += len(rows)
+
+        def done(future: asyncio.Future) -> None:
+            self._leave()
+            if future.cancelled():
+                for _ in rows:
+                    mv.stats.record_failure(time.perf_counter_ns() - start, "CANCELED")
+                return
+            exc = future.exception()
+            if exc is not None:
+                if isinstance(exc, BackendError):
+                    reply(None, None)
+                    return
+                for _ in rows:
+                    _failed(mv, start, exc)
+                reply(None, exc)
+                return
+            outcome: Outcome = future.result()
+            collected = time.perf_counter_ns()
+            if any(a.ndim == 0 or a.shape[0] != call.rows for a in outcome.outputs.values()):
+                reply(None, None)  # not one row per input row: alone, each gets the batcher's answer
+                return
+            response = _response(mv, request, call.names, outcome.outputs, None)
+            end = time.perf_counter_ns()
+            mv.stats.record_success(call.rows, end - start, outcome.queue_ns, call.prepared - start + outcome.input_ns,
+                                    outcome.infer_ns, outcome.output_ns + end - collected, len(rows))
+            reply(response, None)
+
+        pending.future.add_done_callback(done)
+        return lambda: mv.scheduler.withdraw(pending)
+
     def _admit(self, request: InferRequest) -> ModelVersion:
         if not self.accepting:
             raise Unavailable("the server is not accepting requests (starting up or shutting down)")

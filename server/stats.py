@@ -36,10 +36,10 @@ class Histogram:
         self.total = 0.0
         self.count = 0
 
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.bounds, value)] += 1
-        self.total += value
-        self.count += 1
+    def observe(self, value: float, times: int = 1) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += times
+        self.total += value * times
+        self.count += times
 
     def cumulative(self) -> list[tuple[str, float]]:
         """(upper bound, observations at or below it) per bucket, as Prometheus histograms count."""
@@ -82,6 +82,7 @@ class ModelStats:
     inference_count: int = 0  # rows (batch entries) inferred
     execution_count: int = 0  # model executions
     cancelled: int = 0  # requests dropped from the queue because their caller went away
+    grouped: int = 0  # requests a frontend worker sent in a group, queued as one with others (ipc.py)
     success: Duration = field(default_factory=Duration)
     fail: Duration = field(default_factory=Duration)
     queue: Duration = field(default_factory=Duration)
@@ -120,20 +121,22 @@ class ModelStats:
             self.histograms["batch"].observe(batch_size)
 
     def record_success(self, rows: int, total_ns: int, queue_ns: int, input_ns: int, infer_ns: int,
-                       output_ns: int) -> None:
-        """One request answered; its share of the execution's compute times."""
+                       output_ns: int, requests: int = 1) -> None:
+        """One request answered (`requests` of them, `rows` together, each with these times: a
+        frontend worker's group); its share of the execution's compute times."""
         self.last_inference_ms = time.time_ns() // 1_000_000
         self.inference_count += rows
-        self.success.add(total_ns)
-        self.queue.add(queue_ns)
-        self.compute_input.add(input_ns)
-        self.compute_infer.add(infer_ns)
-        self.compute_output.add(output_ns)
+        n = requests
+        self.success.add(total_ns * n, n)
+        self.queue.add(queue_ns * n, n)
+        self.compute_input.add(input_ns * n, n)
+        self.compute_infer.add(infer_ns * n, n)
+        self.compute_output.add(output_ns * n, n)
         if self.histograms is not None:
             h = self.histograms
-            h["request"].observe(total_ns / 1e6)
-            h["queue"].observe(queue_ns / 1e6)
-            h["compute"].observe(infer_ns / 1e6)
+            h["request"].observe(total_ns / 1e6, n)
+            h["queue"].observe(queue_ns / 1e6, n)
+            h["compute"].observe(infer_ns / 1e6, n)
 
     def record_failure(self, total_ns: int, reason: str) -> None:
         self.last_inference_ms = time.time_ns() // 1_000_000
@@ -170,5 +173,6 @@ class ModelStats:
             "fuserve_pending": pending,
             "fuserve_executing": executing,
             "fuserve_cancelled": self.cancelled,
+            "fuserve_grouped": self.grouped,
             **({"fuserve_batch_cost": self.cost_view()} if self.cost_view is not None else {}),
         }

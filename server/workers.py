@@ -33,7 +33,7 @@ from .frontends.grpc_server import CallError, Method
 from .frontends.http_messages import HttpLimits, HttpRequest, HttpResponse
 from .http2.connection import Limits as H2Limits
 from .service import InferenceService
-from .types import InferResponse
+from .types import InferRequest, InferResponse
 
 log = logging.getLogger("fuserve")
 
@@ -69,6 +69,8 @@ class WorkerEndpoint:
                                                             functools.partial(self._infer_done, rid))
                 except Exception as exc:
                     self._send(("err", rid, ipc.pack_error(exc)))
+            elif kind == "group":
+                self._group(ipc.unpack_request(payload[0]), payload[1])
             elif kind == "cancel":
                 cancel = self.cancels.pop(rid, None)
                 if cancel is not None:
@@ -97,6 +99,75 @@ class WorkerEndpoint:
                     self._send(("err", rid, ipc.pack_error(exc)))
             elif kind == "hello":
                 self.hello.set()
+
+    # ---- groups (ipc.py): several inferences of one model, queued as one where the model allows ----
+
+    def _group(self, request: InferRequest, members: list[ipc.GroupMember]) -> None:
+        """Cut the group into runs of members of at most `group_rows` rows; a run of two or more
+        is submitted as one, anything else alone."""
+        try:
+            limit = self.service.group_rows(request)
+        except Exception:
+            limit = 0  # (the model is not there, say: each member gets that answer alone)
+        start = i = 0
+        while i < len(members):
+            j, rows = i + 1, members[i][1]
+            while j < len(members) and rows + members[j][1] <= limit:
+                rows += members[j][1]
+                j += 1
+            run = members[i:j]
+            whole = start == 0 and j == len(members)
+            part = request if whole else ipc.slice_request(request, start, start + rows)
+            if len(run) > 1 and rows <= limit:
+                self._submit_run(part, run)
+            else:
+                self._alone(part, run)
+            start += rows
+            i = j
+
+    def _submit_run(self, request: InferRequest, run: list[ipc.GroupMember]) -> None:
+        state = _Run(run)
+        try:
+            state.withdraw = self.service.submit_group(request, [m[1] for m in run],
+                                                       functools.partial(self._run_done, request, state))
+        except Exception:
+            self._alone(request, run)  # each gets its own answer (and its own count)
+            return
+        for rid, _, _ in run:
+            self.cancels[rid] = functools.partial(self._member_gone, state, rid)
+
+    def _member_gone(self, state: _Run, rid: int) -> None:
+        state.gone.add(rid)
+        if len(state.gone) == len(state.members) and state.withdraw is not None:
+            state.withdraw()
+
+    def _run_done(self, request: InferRequest, state: _Run, response: InferResponse | None,
+                  exc: BaseException | None) -> None:
+        for rid, _, _ in state.members:
+            self.cancels.pop(rid, None)
+        if response is not None:
+            self._send(("gok", state.members[0][0], (ipc.pack_response(response), state.members)))
+        elif exc is not None:
+            err = ipc.pack_error(exc)
+            for rid, _, _ in state.members:
+                self._send(("err", rid, err))
+        else:  # the execution failed: each member alone, so that only the ones that fail alone fail
+            self._alone(request, state.members, state.gone)
+
+    def _alone(self, request: InferRequest, run: list[ipc.GroupMember], gone: set[int] | frozenset = frozenset()
+               ) -> None:
+        """Each member of `run` (whose rows are `request`'s, in order) as an inference of its own,
+        but those in `gone` (their clients left)."""
+        start = 0
+        for rid, rows, client_id in run:
+            one = ipc.slice_request(request, start, start + rows, client_id)
+            start += rows
+            if rid in gone:
+                continue
+            try:
+                self.cancels[rid] = self.service.submit(one, functools.partial(self._infer_done, rid))
+            except Exception as exc:
+                self._send(("err", rid, ipc.pack_error(exc)))
 
     def _track(self, rid: int, task: asyncio.Task) -> None:
         self.tasks[rid] = task
@@ -191,6 +262,15 @@ class WorkerEndpoint:
         for cancel in list(self.cancels.values()):
             cancel()
         self.cancels.clear()
+
+
+@dataclasses.dataclass(slots=True, eq=False)
+class _Run:
+    """Members of a group submitted as one: whose clients have gone, and how to withdraw it."""
+
+    members: list[ipc.GroupMember]
+    gone: set[int] = dataclasses.field(default_factory=set)
+    withdraw: Callable[[], None] | None = None
 
 
 class WorkerPool:

@@ -94,6 +94,14 @@ class DirectScheduler(Scheduler, Protocol):
     async def run(self, work: Work) -> Outcome: ...
 
 
+class GroupingScheduler(Scheduler, Protocol):
+    """A scheduler that may take several requests' rows as one Work (the frontend workers' groups,
+    ipc.py): `group_rows()` is the most rows it takes so now, 0 where it takes none (each request
+    must then be queued alone: it counts requests, or runs them as requests)."""
+
+    def group_rows(self) -> int: ...
+
+
 # How an ensemble runs one step through the same core as a client request (the callee's checks,
 # scheduler and statistics): model name, version ("" for the latest), input tensors, the outputs it
 # wants, and the parent request's id and parameters -> the step's outputs. The service provides it.

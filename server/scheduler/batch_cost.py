@@ -92,6 +92,19 @@ class CostCurve:
             return self.sizes[-1]
         return self.sizes[i] - 1 if i < len(self.sizes) else self.sizes[-1]
 
+    def grain(self) -> int:
+        """The most rows several requests may bring as one queue entry (a frontend worker's group,
+        ipc.py): the width of the best bucket (8 for bucket 16, which holds 16-23 rows). Greedy
+        filling from entries no larger than that still forms a batch within the best bucket and
+        one within the bucket above, so a probe measures what it asks for; entries as large as
+        the size itself would make every probe above a copy of the best."""
+        if not self.enabled:
+            return self.sizes[-1]
+        i = self.best
+        if i + 1 < len(self.sizes):
+            return self.sizes[i + 1] - self.sizes[i]
+        return self.sizes[i] - self.sizes[i - 1] if i else 1
+
     def throughput(self, i: int) -> float:
         """Rows per second of bucket `i` (0 while unmeasured)."""
         return self._rows[i] * 1e9 / self._ns[i] if self._ns[i] > 0 else 0.0

@@ -127,6 +127,20 @@ class Batcher:
         """Requests waiting (not yet executing)."""
         return sum(1 for _ in self._live())
 
+    def group_rows(self) -> int:
+        """The most rows of several requests that may be queued as one Work (a frontend worker's
+        group, ipc.py), 0 for none: only where batches are concatenated (not a Python model's
+        requests), the queue policies count no requests (max_queue_size), and no more than the
+        size formed now, so that a group never makes a batch larger than the learned size, and no
+        more than the curve's grain, so that its probes can still form the sizes they measure (with
+        preferred_batch_size: no more than the smallest)."""
+        if not self.max_rows or self._requests or any(p.max_queue_size for p in self.policies):
+            return 0
+        limit = self._limit(0)
+        if self.preferred:  # whole entries still make the preferred sizes
+            return min(limit, self.preferred[0])
+        return limit if self.curve is None else min(limit, self.curve.grain())
+
     # ---- admission ------------------------------------------------------------------------------
 
     async def submit(self, work: Work) -> Outcome:

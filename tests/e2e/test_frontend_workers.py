@@ -6,6 +6,7 @@ together."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import queue
@@ -44,6 +45,17 @@ def worker_pids(server) -> list[int]:
     return sorted(pids)
 
 
+def gather_table(path: Path) -> Path:
+    """VAL = TABLE[IDX] with TABLE = 0, 10, ..., 90 and IDX int64 [-1, 1]: onnxruntime fails a batch
+    with an index outside -10..9."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    table = numpy_helper.from_array(np.arange(10, dtype=np.float32) * 10, "TABLE")
+    node = helper.make_node("Gather", ["TABLE", "IDX"], ["VAL"], axis=0)
+    return mb.save(mb._model([node], "gather", [helper.make_tensor_value_info("IDX", TensorProto.INT64, ["N", 1])],
+                             [helper.make_tensor_value_info("VAL", TensorProto.FLOAT, ["N", 1])], [table]), path)
+
+
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> Path:
     repo = tmp_path_factory.mktemp("workers_repo")
@@ -52,6 +64,9 @@ def repo(tmp_path_factory) -> Path:
     cfg = repo / "gathered" / "config.pbtxt"
     cfg.write_text(cfg.read_text() + "dynamic_batching { preferred_batch_size: [8] "
                                       "max_queue_delay_microseconds: 20000000 }\n")
+    gather_table(repo / "gather" / "1" / "model.onnx")
+    mb.write_config(repo / "gather", 'platform: "onnxruntime_onnx"\nmax_batch_size: 64\ndynamic_batching { }\n'
+                                     'parameters { key: "fuserve_batch_learning" value: { string_value: "false" } }\n')
     pm.write(repo, "repeat", pm.REPEAT_CONFIG, pm.REPEAT)  # decoupled
     mb.echo_slow(repo / "slow" / "1" / "model.onnx", matmuls=1000)
     mb.write_config(repo / "slow", 'platform: "onnxruntime_onnx"\nmax_batch_size: 1\ndynamic_batching { }\n'
@@ -121,6 +136,46 @@ def test_requests_through_different_workers_batch_together(server):
     assert after["execution_count"] == before["execution_count"] + 1
 
 
+def _answered(answers: queue.Queue, k: int, result, error) -> None:
+    answers.put((k, result, error))
+
+
+def test_a_worker_groups_requests_and_each_gets_its_own_answer(server):
+    """64 calls at once on one gRPC connection reach one worker a few at a time, and it sends those of
+    one read to the scheduler as a group, queued and executed as one request (fuserve_grouped counts
+    them). Each call still gets its own rows and id back, and is counted as a request; a call the
+    model fails on fails alone: its group's execution fails, and the members run again one by one."""
+    bad = {7, 40}
+    for _ in range(5):  # until some calls travelled grouped (how many arrive in one read is the kernel's)
+        before = stats(server, "gather")
+        client = grpcclient.InferenceServerClient(server.grpc_url)
+        answers: queue.Queue = queue.Queue()
+        try:
+            for k in range(64):
+                idx = grpcclient.InferInput("IDX", [1, 1], "INT64")
+                idx.set_data_from_numpy(np.array([[99 if k in bad else k % 10]], dtype=np.int64))
+                client.async_infer("gather", [idx], functools.partial(_answered, answers, k), request_id=f"call-{k}")
+            got = [answers.get(timeout=30) for _ in range(64)]
+        finally:
+            client.close()
+        assert sorted(k for k, _, _ in got) == list(range(64))
+        for k, result, error in got:
+            if k in bad:
+                assert result is None and "failed to execute" in str(error), (k, error)
+            else:
+                assert error is None, (k, error)
+                np.testing.assert_array_equal(result.as_numpy("VAL"), [[k % 10 * 10.0]])
+                assert result.get_response().id == f"call-{k}"
+        after = stats(server, "gather")
+        assert after["inference_stats"]["success"]["count"] == before["inference_stats"]["success"]["count"] + 62
+        assert after["inference_stats"]["fail"]["count"] == before["inference_stats"]["fail"]["count"] + 2
+        assert after["inference_count"] == before["inference_count"] + 62
+        if after["fuserve_grouped"] > before["fuserve_grouped"]:
+            break
+    else:
+        pytest.fail("no call travelled in a group in 5 bursts of 64")
+
+
 def test_other_requests_are_answered_by_the_scheduler(server):
     http = httpclient.InferenceServerClient(server.http_url)
     grpcc = grpcclient.InferenceServerClient(server.grpc_url)
@@ -129,7 +184,8 @@ def test_other_requests_are_answered_by_the_scheduler(server):
         assert http.get_model_metadata("add_sub")["inputs"][0]["name"] == "INPUT0"
         assert grpcc.get_model_metadata("add_sub").inputs[0].name == "INPUT0"
         assert grpcc.get_model_config("add_sub").config.max_batch_size == 8
-        assert {m["name"] for m in http.get_model_repository_index()} == {"add_sub", "gathered", "repeat", "slow"}
+        names = {m["name"] for m in http.get_model_repository_index()}
+        assert names == {"add_sub", "gather", "gathered", "repeat", "slow"}
         grpcc.unload_model("add_sub")
         wait_until(lambda: not http.is_model_ready("add_sub"), what="add_sub unloaded")
         assert not grpcc.is_model_ready("add_sub")

@@ -367,6 +367,27 @@ def test_latency_target_cuts_a_long_queue_delay_short():
     asyncio.run(main())
 
 
+def test_the_grain_lets_probes_form_their_sizes():
+    curve = CostCurve(64)
+    assert curve.grain() == 1  # at 1, nothing can be grouped: the climb must form 2, then 3
+    drive(curve, ADD_SUB, 600)
+    assert curve.size() in (63, 64) and curve.grain() == 16  # bucket 64 is 16 wider than 48
+    assert CostCurve(64, enabled=False).grain() == 64
+
+
+@pytest.mark.parametrize("config, rows", [
+    ("max_batch_size: 8\ndynamic_batching {}", 1),  # learning starts at batches of 1
+    ("max_batch_size: 8\ndynamic_batching {}\n" + param("fuserve_batch_learning", "false"), 8),
+    ("max_batch_size: 8\ndynamic_batching { preferred_batch_size: [4, 8] }", 4),
+    ("max_batch_size: 8\ndynamic_batching { default_queue_policy { max_queue_size: 10 } }", 0),  # counts requests
+    ("max_batch_size: 8", 0),  # no dynamic batching: one request per batch
+])
+def test_how_many_rows_a_group_may_bring(config, rows):
+    """A frontend worker's group is queued as one entry only up to these rows (server/workers.py)."""
+    batcher, _, _ = make(config, lambda n: 0.0)
+    assert batcher.group_rows() == rows
+
+
 @pytest.mark.parametrize("config, message", [
     ("dynamic_batching {}\n" + param("fuserve_batch_learning", "maybe"), "fuserve_batch_learning must be"),
     ("dynamic_batching {}\n" + param("fuserve_latency_target_ms", "-3"), "fuserve_latency_target_ms must be"),
