@@ -129,10 +129,17 @@ class SchedulerClient:
             return  # on_lost answered them
         for members in groups.values():
             members = [m for m in members if m[0] in self.pending]
-            if len(members) == 1:
-                link.send(("infer", members[0][0], ipc.pack_request(members[0][1])))
-            elif members:
-                link.send(("group", members[0][0], ipc.pack_group(members)))
+            try:
+                if len(members) == 1:
+                    link.send(("infer", members[0][0], ipc.pack_request(members[0][1])))
+                elif members:
+                    link.send(("group", members[0][0], ipc.pack_group(members)))
+            except Exception as exc:  # every member is answered, whatever went wrong
+                log.exception("could not send a group of %d requests", len(members))
+                for rid, _ in members:
+                    fut = self.pending.pop(rid, None)
+                    if fut is not None and not fut.done():
+                        fut.set_exception(exc)
 
     async def refused(self, name: str, version: str, exc: Exception) -> None:
         """A request that did not decode here: the scheduler judges its model (InferenceService.refused)

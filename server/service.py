@@ -431,12 +431,16 @@ class InferenceService:
             self._leave()
 
     def submit(self, request: InferRequest,
-               reply: Callable[[InferResponse | None, BaseException | None], None]) -> Callable[[], None]:
+               reply: Callable[[InferResponse | None, BaseException | None], None],
+               accepted: bool = False) -> Callable[[], None]:
         """`infer` without a coroutine or task (for the frontend workers' link, where a task per
         request is a large part of the cost): checks and queues the request now, raising what
         `infer` would raise before queueing; calls `reply(response, None)` or `reply(None, error)`
-        from the event loop when it is answered. Returns the function that cancels it."""
-        mv = _unary(self._admit(request))
+        from the event loop when it is answered. Returns the function that cancels it.
+        `accepted`: a member of a group that was accepted and failed to execute as one, submitted
+        alone; it is answered while the server drains."""
+        mv = _unary(self.repository.get(request.model_name, request.model_version) if accepted
+                    else self._admit(request))
         start = time.perf_counter_ns()
         call = None
         try:
@@ -499,13 +503,12 @@ class InferenceService:
         mv = _unary(self._admit(request))
         start = time.perf_counter_ns()
         call = self._prepare(mv, request, start)
+        call.work.requests = len(rows)
         pending = mv.scheduler.enqueue(call.work)
         self._in_flight += 1
         self._idle.clear()
-        mv.stats.grouped += len(rows)
 
-        def done(future: asyncio.Future) -> None:
-            self._leave()
+        def answer(future: asyncio.Future) -> None:
             if future.cancelled():
                 for _ in rows:
                     mv.stats.record_failure(time.perf_counter_ns() - start, "CANCELED")
@@ -528,7 +531,18 @@ class InferenceService:
             end = time.perf_counter_ns()
             mv.stats.record_success(call.rows, end - start, outcome.queue_ns, call.prepared - start + outcome.input_ns,
                                     outcome.infer_ns, outcome.output_ns + end - collected, len(rows))
+            mv.stats.grouped += len(rows)
             reply(response, None)
+
+        def done(future: asyncio.Future) -> None:
+            try:
+                answer(future)
+            except Exception as exc:  # never leave the members unanswered
+                for _ in rows:
+                    _failed(mv, start, exc)
+                reply(None, exc)
+            finally:
+                self._leave()  # after the members' fallback is queued: a drain waits for it
 
         pending.future.add_done_callback(done)
         return lambda: mv.scheduler.withdraw(pending)

@@ -70,7 +70,12 @@ class WorkerEndpoint:
                 except Exception as exc:
                     self._send(("err", rid, ipc.pack_error(exc)))
             elif kind == "group":
-                self._group(ipc.unpack_request(payload[0]), payload[1])
+                try:
+                    self._group(ipc.unpack_request(payload[0]), payload[1])
+                except Exception as exc:  # every member is answered, whatever went wrong
+                    for member, _, _ in payload[1]:
+                        self.cancels.pop(member, None)
+                        self._send(("err", member, ipc.pack_error(exc)))
             elif kind == "cancel":
                 cancel = self.cancels.pop(rid, None)
                 if cancel is not None:
@@ -152,12 +157,13 @@ class WorkerEndpoint:
             for rid, _, _ in state.members:
                 self._send(("err", rid, err))
         else:  # the execution failed: each member alone, so that only the ones that fail alone fail
-            self._alone(request, state.members, state.gone)
+            self._alone(request, state.members, state.gone, accepted=True)
 
-    def _alone(self, request: InferRequest, run: list[ipc.GroupMember], gone: set[int] | frozenset = frozenset()
-               ) -> None:
+    def _alone(self, request: InferRequest, run: list[ipc.GroupMember], gone: set[int] | frozenset = frozenset(),
+               accepted: bool = False) -> None:
         """Each member of `run` (whose rows are `request`'s, in order) as an inference of its own,
-        but those in `gone` (their clients left)."""
+        but those in `gone` (their clients left); `accepted`: the run was accepted and failed to
+        execute, so its members are answered even while the server drains."""
         start = 0
         for rid, rows, client_id in run:
             one = ipc.slice_request(request, start, start + rows, client_id)
@@ -165,7 +171,7 @@ class WorkerEndpoint:
             if rid in gone:
                 continue
             try:
-                self.cancels[rid] = self.service.submit(one, functools.partial(self._infer_done, rid))
+                self.cancels[rid] = self.service.submit(one, functools.partial(self._infer_done, rid), accepted)
             except Exception as exc:
                 self._send(("err", rid, ipc.pack_error(exc)))
 

@@ -29,6 +29,7 @@ class Work:
     feeds: dict[str, np.ndarray]
     outputs: tuple[str, ...]
     rows: int
+    requests: int = 1  # clients' requests it carries: more for a frontend worker's group (ipc.py)
     priority: int = 0  # 0: the model's default priority level; 1 is the highest
     timeout_us: int = 0  # 0: the queue policy's default
     # What a backend that executes requests (not one concatenated batch) also sees of the request,

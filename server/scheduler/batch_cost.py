@@ -129,8 +129,8 @@ class CostCurve:
     # ---- learning ------------------------------------------------------------------------------
 
     def formed(self, bound: bool) -> int:
-        """A batch of `size()` rows at most is being dispatched; `bound`: the size is what stopped
-        it (it reached the size, or the next request would not fit), not the queue running out.
+        """A batch of `size()` rows at most is being dispatched; `bound`: the size is what ended it
+        (it reached the size, or the next request would not fit), not the queue running out.
         Returns the tag `observe` takes back: which probe and which side of it formed the batch, so
         that a batch is filed by what it was formed for, whenever and on whichever instance it
         completes. While probing, the turn passes to the other side."""
@@ -163,22 +163,37 @@ class CostCurve:
         elif self._since >= self._every:
             self._next_probe()
 
+    def unmeasured(self, tag: int) -> None:
+        """A batch formed with `tag` failed (its time is not a measure): a probe whose batches keep
+        failing is given up like one the queue never fills."""
+        if self._probe >= 0 and tag >= 0 and tag >> 2 == self._gen:
+            self._age_probe()
+
+    def _age_probe(self) -> None:
+        self._probe_age += 1
+        if self._probe_age > 2 * PROBE_EVERY:  # it never fills the probe: give up for now
+            if self._probe > self.best:
+                self._capped = False
+            self._end_probe()
+            self._climbing = False
+
     def _observe_probe(self, i: int, rows: int, ns: int, probe_side: bool, bound: bool) -> None:
         """While a bucket is probed, batches alternate between it and the best (see `size`), so
         that both are measured over the same seconds: a machine whose speed drifts (a shared one
         does, by 20% and more) moves both alike, and the comparison stays fair. A batch counts for
-        its side where it reached that side's bucket, or where the size bound it: requests of
-        several rows each cannot form every bucket (two-row requests never make 1 or 3), and a
-        batch as large as the requests allow is what that size forms. A batch the queue ran out
-        on tells nothing about the size."""
+        its side where it reached that side's bucket, or went past it: one request larger than the
+        size (two-row requests under a size of 1) is what that size forms. A batch below the
+        bucket is not counted (counting those, batches of one request each of 1-3 rows made every
+        comparison a draw of their mix, and the climb stopped at 1 one time in three). Where the
+        size ended it below the bucket while climbing, the requests' rows cannot form the probed
+        size (two-row requests never make 3): the climb moves on to the next size up. Where the
+        queue ran out, the probe ages, and one the queue never fills is given up."""
         side = self._probe if probe_side else self.best
-        if i < side and not bound:  # the queue did not fill the batch asked for
-            self._probe_age += 1
-            if self._probe_age > 2 * PROBE_EVERY:  # it never fills the probe: give up for now
-                if self._probe > self.best:
-                    self._capped = False
-                self._end_probe()
-                self._climbing = False
+        if i < side:  # the batch asked for was not formed
+            if bound and probe_side and self._climbing and self._probe + 1 < len(self.sizes):
+                self._start_probe(self._probe + 1)
+            else:
+                self._age_probe()
             return
         sums = self._probe_sum if probe_side else self._control_sum
         sums[0] += ns

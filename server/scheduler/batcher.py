@@ -125,7 +125,7 @@ class Batcher:
     @property
     def queued(self) -> int:
         """Requests waiting (not yet executing)."""
-        return sum(1 for _ in self._live())
+        return sum(p.work.requests for p in self._live())
 
     def group_rows(self) -> int:
         """The most rows of several requests that may be queued as one Work (a frontend worker's
@@ -205,7 +205,7 @@ class Batcher:
             if pending.level >= 0:
                 self._counts[pending.level] -= 1
             self._queued_rows -= pending.work.rows
-            self.stats.cancelled += 1
+            self.stats.cancelled += pending.work.requests
             self._check_idle()
 
     # ---- scheduling ---------------------------------------------------------------------------
@@ -369,7 +369,7 @@ class Batcher:
             self._queued_rows -= p.work.rows
             outputs.update(dict.fromkeys(p.work.outputs))
         self._executing += 1
-        self.executing_requests += len(batch)
+        self.executing_requests += sum(p.work.requests for p in batch)
         seq = self._next_seq
         self._next_seq += 1
         started = time.perf_counter_ns()
@@ -410,7 +410,7 @@ class Batcher:
         else:
             self.pool.release(instance)
         self._executing -= 1
-        self.executing_requests -= len(batch)
+        self.executing_requests -= sum(p.work.requests for p in batch)
         try:
             parts, timings = fut.result()
             done = _Done(batch, parts, None, started, timings, rows)
@@ -423,9 +423,11 @@ class Batcher:
             done = _Done(batch, None, self._as_error(exc), started, rows=rows)
         # outside the try: learning never fails a good batch. A batch with a request that failed was
         # (for a concatenated one) executed again request by request: its time is not the batch's.
-        if self.curve is not None and done.parts is not None \
-                and not any(isinstance(part, Exception) for part in done.parts):
-            self.curve.observe(rows, sum(done.timings), tag)
+        if self.curve is not None:
+            if done.parts is not None and not any(isinstance(part, Exception) for part in done.parts):
+                self.curve.observe(rows, sum(done.timings), tag)
+            else:
+                self.curve.unmeasured(tag)
         if self.preserve_ordering:
             self._finished[seq] = done
             while self._answer_seq in self._finished:

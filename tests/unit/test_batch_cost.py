@@ -122,6 +122,27 @@ def test_requests_of_several_rows_still_climb(rows_each):
     assert curve.size() >= 47, curve.view()
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_requests_of_mixed_rows_climb(seed):
+    """Requests of 1, 2 or 3 rows in a deep queue, a fixed cost per batch: batches formed
+    greedily vary with the mix, so a probe counts only the batches that reached its bucket (the
+    version that counted every batch the size ended compared mixes, and stayed at one request a
+    batch one time in three: tests/e2e/test_batching.py saw it)."""
+    rng = random.Random(seed)
+    curve = CostCurve(8)
+    queue = [rng.choice((1, 2, 3)) for _ in range(16)]
+    for _ in range(400):
+        size, rows, batch = curve.size(), 0, 0
+        while batch < len(queue) and (batch == 0 or rows + queue[batch] <= size):
+            rows += queue[batch]
+            batch += 1
+        bound = batch < len(queue) or rows >= size
+        del queue[:batch]
+        queue += [rng.choice((1, 2, 3)) for _ in range(batch)]
+        curve.observe(rows, int(0.02e9 * rng.lognormvariate(0, 0.03)), curve.formed(bound))
+    assert curve.size() >= 7, curve.view()
+
+
 @pytest.mark.parametrize("rates", [MINILM, ADD_SUB])
 def test_batches_are_filed_by_what_formed_them_not_by_when_they_complete(rates):
     """Eight instances: eight batches are formed (probe and best in turn), then complete in a
