@@ -9,6 +9,7 @@ into the model's `ModelSpec` when it loaded.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from .errors import (
 from .model_config import ModelConfig, ModelSpec, TensorSpec
 from .repository import ModelVersion, Repository
 from .scheduler import Outcome, Work
+from .scheduler.hold import held
 from .scheduler.lending import Runner
 from .shared_memory import Lease, SharedMemory
 from .sink import ResponseSink
@@ -476,6 +478,12 @@ class InferenceService:
 
         pending.future.add_done_callback(done)
         return lambda: mv.scheduler.withdraw(pending)
+
+    @staticmethod
+    def held() -> contextlib.AbstractContextManager[None]:
+        """`with service.held():` the requests submitted in the block are dispatched when it ends,
+        so that what arrives together (a frontend worker's frame) is batched together."""
+        return held()
 
     def group_rows(self, request: InferRequest) -> int:
         """The most rows of several requests for `request`'s model that `submit_group` takes as one

@@ -25,7 +25,7 @@ import logging
 import socket
 import sys
 from collections.abc import AsyncGenerator, Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 from . import ipc
 from .context import CallContext
@@ -51,7 +51,8 @@ class WorkerEndpoint:
         self.authorize = authorize  # --grpc-restricted-protocol, checked again on forwarded calls
         self.link: ipc.Link | None = None
         self.tasks: dict[int, asyncio.Task] = {}  # forwarded requests being answered
-        self.cancels: dict[int, Callable[[], None]] = {}  # inferences queued or executing
+        # inferences queued or executing: how to cancel each (a grouped member's: its run, _member_gone)
+        self.cancels: dict[int, Callable[[], None] | _Run] = {}
         self.credits: dict[int, int] = {}  # streamed answers: parts the worker may still take
         # the forwarded calls a `cancel` stops: streamed answers (model control runs to its end)
         self.streaming: set[int] = set()
@@ -61,6 +62,10 @@ class WorkerEndpoint:
         self._loop = asyncio.get_running_loop()
 
     def on_messages(self, messages: list[ipc.Message]) -> None:
+        with self.service.held():  # the frame's inferences are batched together (scheduler/hold.py)
+            self._on_messages(messages)
+
+    def _on_messages(self, messages: list[ipc.Message]) -> None:
         loop = self._loop
         for kind, rid, payload in messages:
             if kind == "infer":
@@ -77,9 +82,7 @@ class WorkerEndpoint:
                         self.cancels.pop(member, None)
                         self._send(("err", member, ipc.pack_error(exc)))
             elif kind == "cancel":
-                cancel = self.cancels.pop(rid, None)
-                if cancel is not None:
-                    cancel()
+                self._cancel(rid, self.cancels.pop(rid, None))
                 task = self.tasks.get(rid)
                 if task is not None and rid in self.streaming:
                     task.cancel()  # a stream whose client went away
@@ -138,8 +141,13 @@ class WorkerEndpoint:
         except Exception:
             self._alone(request, run)  # each gets its own answer (and its own count)
             return
-        for rid, _, _ in run:
-            self.cancels[rid] = functools.partial(self._member_gone, state, rid)
+        self.cancels.update(dict.fromkeys([m[0] for m in run], state))
+
+    def _cancel(self, rid: int, cancel: Callable[[], None] | _Run | None) -> None:
+        if type(cancel) is _Run:
+            self._member_gone(cancel, rid)
+        elif cancel is not None:
+            cast(Callable[[], None], cancel)()
 
     def _member_gone(self, state: _Run, rid: int) -> None:
         state.gone.add(rid)
@@ -265,9 +273,9 @@ class WorkerEndpoint:
         for task in list(self.tasks.values()):
             task.cancel()  # the worker is gone: so are its clients
         self.tasks.clear()
-        for cancel in list(self.cancels.values()):
-            cancel()
-        self.cancels.clear()
+        cancels, self.cancels = self.cancels, {}
+        for rid, cancel in cancels.items():
+            self._cancel(rid, cancel)
 
 
 @dataclasses.dataclass(slots=True, eq=False)

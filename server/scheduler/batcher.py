@@ -39,6 +39,7 @@ from ..stats import ModelStats
 from .base import Outcome, Work
 from .batch_cost import CostCurve
 from .execute import execute_batch, execute_requests
+from .hold import dispatch
 
 # A model whose batches take less than this (moving average) runs inline on the event loop thread.
 INLINE_BELOW_NS = 1_000_000
@@ -81,6 +82,7 @@ class Batcher:
         self.preserve_ordering = b.preserve_ordering if b is not None else False
         self.policies: tuple[QueuePolicy, ...] = b.policies if b is not None else (QueuePolicy(),)
         self.default_level = b.default_priority_level - 1 if b is not None else 0
+        self._bounded = any(p.max_queue_size for p in self.policies)  # a queue that counts requests
         # Batch sizes by measured cost (batch_cost.py); the curve is learned and shown even where
         # preferred_batch_size or fuserve_batch_learning "false" decides the size (Triton's greedy rule).
         self.curve = CostCurve(self.max_rows, b.learn_cost and not self.preferred) if b is not None else None
@@ -134,7 +136,7 @@ class Batcher:
         size formed now, so that a group never makes a batch larger than the learned size, and no
         more than the curve's grain, so that its probes can still form the sizes they measure (with
         preferred_batch_size: no more than the smallest)."""
-        if not self.max_rows or self._requests or any(p.max_queue_size for p in self.policies):
+        if not self.max_rows or self._requests or self._bounded:
             return 0
         limit = self._limit(0)
         if self.preferred:  # whole entries still make the preferred sizes
@@ -180,7 +182,7 @@ class Batcher:
         self._counts[level] += 1
         self._queued_rows += work.rows
         self._idle.clear()
-        self._schedule()
+        dispatch(self._schedule)  # now, or when a held block ends (hold.py)
         return pending
 
     def _admit(self, rows: int) -> None:

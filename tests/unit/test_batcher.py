@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 
@@ -14,6 +15,7 @@ from server.errors import ServerError, Unavailable
 from server.instances import InstancePool
 from server.model_config import ModelConfig, ModelIO, build_spec, instance_specs
 from server.scheduler.batcher import Batcher, Work
+from server.scheduler.hold import held
 from server.stats import ModelStats
 
 
@@ -89,6 +91,30 @@ def test_requests_queued_behind_a_busy_instance_form_one_batch():
             assert (out.outputs["y"] == 2 * k).all() and out.outputs["y"].shape[0] == (1 + k % 2 if k else 1)
         assert inst.batches == [1, 6]  # rows 2+1+2+1 behind the first
         assert stats.execution_count == 2 and stats.inference_count == 0  # the service records requests
+
+    run(main())
+
+
+@pytest.mark.parametrize("hold", [False, True])
+def test_work_queued_in_a_held_block_is_dispatched_together(hold):
+    """A frame of a frontend worker's inferences is queued inside `held()` (server/workers.py):
+    with an instance free, the first entry would otherwise execute alone and the rest after it."""
+    async def main():
+        batcher, (inst,), _ = make("max_batch_size: 8\ndynamic_batching {}\n" + GREEDY)
+        inst.gate.clear()  # (what is dispatched waits: the test sees the queue as the block left it)
+        with held() if hold else contextlib.nullcontext():
+            pendings = [batcher.enqueue(work(k, rows=2)) for k in range(3)]
+            assert batcher.queued == (3 if hold else 2)
+        assert batcher.queued == (0 if hold else 2)
+        inst.gate.set()
+        outs = await asyncio.wait_for(asyncio.gather(*(p.future for p in pendings)), 10)
+        assert [float(o.outputs["y"][0, 0]) for o in outs] == [0.0, 2.0, 4.0]
+        assert inst.batches == ([6] if hold else [2, 4])
+        with held():
+            with held():  # nested: dispatched when the outermost block ends
+                later = batcher.enqueue(work(7))
+            assert batcher.queued == 1
+        assert (await asyncio.wait_for(later.future, 10)).outputs["y"][0, 0] == 14.0
 
     run(main())
 
