@@ -39,10 +39,12 @@ from ..stats import ModelStats
 from .base import Outcome, Work
 from .batch_cost import CostCurve
 from .execute import execute_batch, execute_requests
-from .hold import dispatch
+from .hold import dispatch, releasing
 
 # A model whose batches take less than this (moving average) runs inline on the event loop thread.
 INLINE_BELOW_NS = 1_000_000
+# ... and a batch formed from a frontend worker's frame (hold.py), below this.
+INLINE_HELD_BELOW_NS = 200_000
 # Latency-target mode: a batch's predicted time is scaled by this for the target's checks (the
 # prediction is a mean; the target is a p99).
 HEADROOM = 1.25
@@ -378,8 +380,11 @@ class Batcher:
         rows = [p.work.rows for p in batch]
         loop = self._loop or asyncio.get_running_loop()
         done = functools.partial(self._on_executed, batch, instance, seq, started, sum(rows), lent, tag)
-        # inline only at low load (lone requests): under load, batches on the thread grow larger
-        if self._inline and len(batch) == 1 and self._batch_ewma < 1.5:
+        # inline only at low load (lone requests): under load, batches on the thread grow larger; but
+        # a batch formed from a worker frame's work (hold.py) inline where its execution is cheaper
+        # than the hand-off to the thread and back would be worth
+        if self._inline and (len(batch) == 1 and self._batch_ewma < 1.5
+                             or releasing() and self._exec_ewma_ns < INLINE_HELD_BELOW_NS):
             fut: asyncio.Future = loop.create_future()
             try:
                 fut.set_result(execute_batch(instance, [p.work.feeds for p in batch], list(outputs), rows))

@@ -21,10 +21,11 @@ log = logging.getLogger(__name__)
 
 
 class _Hold:
-    __slots__ = ("depth", "waiting")
+    __slots__ = ("depth", "waiting", "releasing")
 
     def __init__(self) -> None:
         self.depth = 0
+        self.releasing = False  # the batchers held are dispatching (see `releasing`)
         self.waiting: dict[Callable[[], None], None] = {}  # each held batcher's schedule, once, in order
 
     def __enter__(self) -> None:
@@ -36,11 +37,15 @@ class _Hold:
         if self.depth or not self.waiting:
             return
         waiting, self.waiting = self.waiting, {}
-        for schedule in waiting:
-            try:
-                schedule()
-            except Exception:  # one model's scheduling never keeps another's from running
-                log.exception("scheduling after a held dispatch failed")
+        self.releasing = True
+        try:
+            for schedule in waiting:
+                try:
+                    schedule()
+                except Exception:  # one model's scheduling never keeps another's from running
+                    log.exception("scheduling after a held dispatch failed")
+        finally:
+            self.releasing = False
 
 
 HOLD = _Hold()
@@ -49,6 +54,13 @@ HOLD = _Hold()
 def held() -> _Hold:
     """`with held():` batchers that get work inside the block dispatch when it ends."""
     return HOLD
+
+
+def releasing() -> bool:
+    """Whether the batches dispatched now were formed from a held block's work: a frame the
+    scheduler process read whole, with nothing else for its loop to do until the next one (so a
+    cheap batch may execute on the loop itself: batcher.py's `_inline`)."""
+    return HOLD.releasing
 
 
 def dispatch(schedule: Callable[[], None]) -> None:
