@@ -25,7 +25,7 @@ import logging
 import socket
 import sys
 from collections.abc import AsyncGenerator, Callable, Sequence
-from typing import Any, cast
+from typing import Any
 
 from . import ipc
 from .context import CallContext
@@ -144,10 +144,10 @@ class WorkerEndpoint:
         self.cancels.update(dict.fromkeys([m[0] for m in run], state))
 
     def _cancel(self, rid: int, cancel: Callable[[], None] | _Run | None) -> None:
-        if type(cancel) is _Run:
+        if isinstance(cancel, _Run):
             self._member_gone(cancel, rid)
         elif cancel is not None:
-            cast(Callable[[], None], cancel)()
+            cancel()
 
     def _member_gone(self, state: _Run, rid: int) -> None:
         state.gone.add(rid)

@@ -309,18 +309,23 @@ def test_lone_requests_to_a_cheap_model_run_inline_and_failures_stay_their_own()
     run(main())
 
 
-@pytest.mark.parametrize("delay, inline", [(0.0, True), (0.00025, False)])
-def test_a_cheap_batch_of_a_held_frame_runs_inline(delay, inline):
+NEVER_INLINE = 'parameters { key: "fuserve_inline_execution" value: { string_value: "never" } }\n'
+
+
+@pytest.mark.parametrize("delay, never, inline", [(0.0, False, True), (0.00025, False, False), (0.0, True, False)])
+def test_a_cheap_batch_of_a_held_frame_runs_inline(delay, never, inline):
     """A batch of several requests runs on the loop thread only when it was formed from a held
     block's work (a frontend worker's frame, whose scheduler loop has nothing else to do) and its
-    executions take less than INLINE_HELD_BELOW_NS (0.2 ms; a 0.25 ms model stays on its thread)."""
+    executions take less than INLINE_HELD_BELOW_NS (0.2 ms; a 0.25 ms model stays on its thread);
+    `fuserve_inline_execution: "never"` keeps it on its thread too."""
     async def main():
-        batcher, (inst,), _ = make("max_batch_size: 8\ndynamic_batching {}\n" + GREEDY)
+        config = "max_batch_size: 8\ndynamic_batching {}\n" + GREEDY + (NEVER_INLINE if never else "")
+        batcher, (inst,), _ = make(config)
         inst.delay = delay
         for v in range(30):  # measured: cheap enough for lone requests inline (below 0.5 ms)
-            await batcher.submit(work(v))
+            await asyncio.wait_for(batcher.submit(work(v)), 10)
         here = threading.current_thread().name
-        assert inst.threads[-1] == here
+        assert (inst.threads[-1] == here) != never
         for hold in (False, True):
             inst.threads.clear()
             with held() if hold else contextlib.nullcontext():
@@ -330,7 +335,7 @@ def test_a_cheap_batch_of_a_held_frame_runs_inline(delay, inline):
             if hold:  # one batch of 3, formed when the block ended
                 assert inst.batches[-1] == 3 and (inst.threads == [here]) == inline, inst.threads
             else:  # the first alone (inline: a lone request), then the two behind it, on the thread
-                assert inst.batches[-2:] == [1, 2] and inst.threads[0] == here
+                assert inst.batches[-2:] == [1, 2] and (inst.threads[0] == here) != never
                 assert inst.threads[1].startswith("model-"), inst.threads
 
     run(main())
