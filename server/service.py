@@ -487,13 +487,13 @@ class InferenceService:
 
     def group_rows(self, request: InferRequest) -> int:
         """The most rows of several requests for `request`'s model that `submit_group` takes as one
-        (0: each must be submitted alone): only a batching scheduler's, and none while requests
-        are traced (a trace is one request's)."""
+        (0: each must be submitted alone), where `request` holds all of their rows: only a batching
+        scheduler's, and none while requests are traced (a trace is one request's)."""
         mv = self._admit(request)
         rows = getattr(mv.scheduler, "group_rows", None)
         if rows is None or mv.decoupled or (self.traces.active and self.tracer is not None):
             return 0
-        return cast(int, rows())
+        return cast(int, rows(request.inputs[0].shape[0] if request.inputs and request.inputs[0].shape else 0))
 
     def submit_group(self, request: InferRequest, rows: Sequence[int],
                      reply: Callable[[InferResponse | None, BaseException | None], None]) -> Callable[[], None]:

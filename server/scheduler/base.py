@@ -97,10 +97,11 @@ class DirectScheduler(Scheduler, Protocol):
 
 class GroupingScheduler(Scheduler, Protocol):
     """A scheduler that may take several requests' rows as one Work (the frontend workers' groups,
-    ipc.py): `group_rows()` is the most rows it takes so now, 0 where it takes none (each request
-    must then be queued alone: it counts requests, or runs them as requests)."""
+    ipc.py): `group_rows(rows)` is the most rows it takes so now, for a group of `rows`, 0 where it
+    takes none (each request must then be queued alone: it counts requests, or runs them as
+    requests)."""
 
-    def group_rows(self) -> int: ...
+    def group_rows(self, rows: int = 0) -> int: ...
 
 
 # How an ensemble runs one step through the same core as a client request (the callee's checks,

@@ -131,19 +131,31 @@ class Batcher:
         """Requests waiting (not yet executing)."""
         return sum(p.work.requests for p in self._live())
 
-    def group_rows(self) -> int:
+    def group_rows(self, rows: int = 0) -> int:
         """The most rows of several requests that may be queued as one Work (a frontend worker's
-        group, ipc.py), 0 for none: only where batches are concatenated (not a Python model's
-        requests), the queue policies count no requests (max_queue_size), and no more than the
-        size formed now, so that a group never makes a batch larger than the learned size, and no
-        more than the curve's grain, so that its probes can still form the sizes they measure (with
-        preferred_batch_size: no more than the smallest)."""
+        group of `rows` rows together, ipc.py), 0 for none: only where batches are concatenated
+        (not a Python model's requests), the queue policies count no requests (max_queue_size), and
+        no more than the size formed now, so that a group never makes a batch larger than the
+        learned size. And no more than the curve's grain, so that its probes can still form the
+        sizes they measure (with preferred_batch_size: no more than the smallest), unless the
+        group is sure to head the next batch and fit in it (`_heads_next`): that batch then takes
+        it all however it is cut."""
         if not self.max_rows or self._requests or self._bounded:
             return 0
         limit = self._limit(0)
         if self.preferred:  # whole entries still make the preferred sizes
             return min(limit, self.preferred[0])
-        return limit if self.curve is None else min(limit, self.curve.grain())
+        if self.curve is None or (0 < rows <= limit and self._heads_next()):
+            return limit
+        return min(limit, self.curve.grain())
+
+    def _heads_next(self) -> bool:
+        """Whether work queued now heads the next batch, formed with the size chosen now: nothing
+        is queued, nothing executes (no completion can change the size before that batch is
+        formed), there is one priority level (none can pass it in the queue), and no latency target
+        (whose limit shrinks as the head waits)."""
+        return (not self._queued_rows and self._executing == 0 and len(self._queues) == 1
+                and not self.target_ns)
 
     # ---- admission ------------------------------------------------------------------------------
 
@@ -383,7 +395,7 @@ class Batcher:
         # inline only at low load (lone requests): under load, batches on the thread grow larger; but
         # a batch formed from a worker frame's work (hold.py) inline where its execution is cheaper
         # than the hand-off to the thread and back would be worth
-        if self._inline and (len(batch) == 1 and self._batch_ewma < 1.5
+        if self._inline and (len(batch) == 1 and batch[0].work.requests == 1 and self._batch_ewma < 1.5
                              or releasing() and self._exec_ewma_ns < INLINE_HELD_BELOW_NS):
             fut: asyncio.Future = loop.create_future()
             try:
@@ -422,7 +434,7 @@ class Batcher:
             parts, timings = fut.result()
             done = _Done(batch, parts, None, started, timings, rows)
             if self._inline_allowed:
-                self._batch_ewma = 0.8 * self._batch_ewma + 0.2 * len(batch)
+                self._batch_ewma = 0.8 * self._batch_ewma + 0.2 * sum(p.work.requests for p in batch)
                 self._exec_ewma_ns = 0.8 * self._exec_ewma_ns + 0.2 * sum(timings)
                 # hysteresis: a model near the threshold does not flip on every batch
                 self._inline = self._exec_ewma_ns < (INLINE_BELOW_NS if self._inline else INLINE_BELOW_NS / 2)

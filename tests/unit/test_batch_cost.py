@@ -19,6 +19,7 @@ from server.instances import InstancePool
 from server.model_config import ModelConfig, ModelIO, build_spec, instance_specs
 from server.scheduler.batch_cost import CostCurve
 from server.scheduler.batcher import Batcher, Work
+from server.scheduler.hold import held
 from server.stats import ModelStats
 
 # rows/s by batch size, shaped like the models measured in docs/perf.md
@@ -441,6 +442,75 @@ def test_how_many_rows_a_group_may_bring(config, rows):
     """A frontend worker's group is queued as one entry only up to these rows (server/workers.py)."""
     batcher, _, _ = make(config, lambda n: 0.0)
     assert batcher.group_rows() == rows
+
+
+@pytest.mark.parametrize("extra, whole", [
+    ("", True),
+    ("max_queue_delay_microseconds: 100000", True),  # later arrivals queue behind it
+    ("priority_levels: 2 default_priority_level: 2", False),  # a request of level 1 could pass it
+])
+def test_a_group_sure_to_head_the_next_batch_is_one_entry(extra, whole):
+    """Past the grain only where the group heads the next batch and fits in it: then that batch
+    takes it all however it is cut."""
+    async def main():
+        batcher, _, _ = make("max_batch_size: 64\ndynamic_batching { " + extra + " }", lambda n: 0.05)
+        assert batcher.curve is not None
+        drive(batcher.curve, ADD_SUB, 600)
+        assert batcher.curve.size() == 63 and batcher.curve.grain() == 16
+        assert batcher.group_rows() == 16  # rows not given: the grain
+        assert batcher.group_rows(27) == batcher.group_rows(63) == (63 if whole else 16)
+        assert batcher.group_rows(64) == 16  # more than the next batch takes
+        with held():  # something queued ahead of it
+            pending = batcher.enqueue(work(1, 5))
+            assert batcher.group_rows(27) == 16
+        await asyncio.sleep(0)
+        assert batcher.group_rows(27) == 16  # executing: its completion may change the size first
+        await asyncio.wait_for(pending.future, 5)
+        assert batcher.group_rows(27) == (63 if whole else 16)
+
+    asyncio.run(main())
+
+
+def test_no_whole_groups_under_a_latency_target():
+    """The target's limit shrinks as the head of the queue waits: groups stay cut at the grain."""
+    async def main():
+        batcher, _, _ = make("max_batch_size: 64\ndynamic_batching {}\n" + param("fuserve_latency_target_ms", "10000"),
+                             lambda n: 0.0)
+        assert batcher.curve is not None
+        drive(batcher.curve, ADD_SUB, 600)
+        assert batcher._limit(0) == 63 and batcher.group_rows(27) == 16
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_whole_groups_that_fit_form_the_batches_cut_groups_form(seed):
+    """The rule above, as a model of it (one batch key, one level, batches formed one at a time),
+    under a load that moves between an idle queue and a deep one: cutting every group at the grain
+    and keeping a group whole where nothing is queued ahead and it fits form the same batches, so
+    the curve learns the same; keeping it whole wherever it fits the size would not."""
+    def run(rule: str) -> list[tuple[int, bool]]:
+        rng = random.Random(seed)
+        curve, queue, formed = CostCurve(64), [], []
+        for step in range(4000):
+            for _ in range(rng.choice((0, 1, 1, 2, 3) if (step // 500) % 2 else (1,))):  # deep, then idle
+                rows, size = rng.randint(1, 40), curve.size()
+                fits = rows <= size and (rule == "loose" or rule == "whole" and not queue)
+                cap = size if fits else max(1, min(size, curve.grain()))
+                while rows > 0:
+                    queue.append(min(rows, cap))
+                    rows -= cap
+            if queue:
+                rows, _, bound = take(queue, curve.size())
+                formed.append((rows, bound))
+                ns = rows / rate(ADD_SUB, rows) * 1e9 * rng.lognormvariate(0, 0.03)
+                curve.observe(rows, int(ns), curve.formed(bound))
+        return formed
+
+    cut, whole = run("cut"), run("whole")
+    assert len(cut) > 3000 and cut == whole
+    assert run("loose") != cut
+    assert max(r for r, _ in cut) > 40  # the deep phases formed batches of several frames
 
 
 @pytest.mark.parametrize("config, message", [

@@ -341,6 +341,28 @@ def test_a_cheap_batch_of_a_held_frame_runs_inline(delay, never, inline):
     run(main())
 
 
+def test_a_group_of_requests_is_not_a_lone_request():
+    """One queue entry that carries several requests' rows (a frontend worker's group) is no lone
+    request: outside a held frame, a 0.3 ms model runs it on its thread, though it runs a lone
+    request inline (below INLINE_BELOW_NS, 1 ms)."""
+    async def main():
+        batcher, (inst,), _ = make("max_batch_size: 8\ndynamic_batching {}\n" + GREEDY)
+        inst.delay = 0.0003
+        here = threading.current_thread().name
+        for v in range(30):
+            await asyncio.wait_for(batcher.submit(work(v)), 10)
+        assert inst.threads[-1] == here  # lone requests: inline
+        for _ in range(3):
+            inst.threads.clear()
+            grouped = work(1.0, rows=5)
+            grouped.requests = 5
+            out = await asyncio.wait_for(batcher.submit(grouped), 10)
+            assert out.outputs["y"].shape[0] == 5
+            assert inst.threads and inst.threads[0].startswith("model-"), inst.threads
+
+    run(main())
+
+
 @pytest.mark.parametrize("config,instances,delay", [
     ('max_batch_size: 4\ndynamic_batching {}\nparameters { key: "fuserve_inline_execution" '
      'value: { string_value: "never" } }', 1, 0.0),
