@@ -429,12 +429,13 @@ class Batcher:
         else:
             self.pool.release(instance)
         self._executing -= 1
-        self.executing_requests -= sum(p.work.requests for p in batch)
+        requests = sum(p.work.requests for p in batch)
+        self.executing_requests -= requests
         try:
             parts, timings = fut.result()
             done = _Done(batch, parts, None, started, timings, rows)
             if self._inline_allowed:
-                self._batch_ewma = 0.8 * self._batch_ewma + 0.2 * sum(p.work.requests for p in batch)
+                self._batch_ewma = 0.8 * self._batch_ewma + 0.2 * requests
                 self._exec_ewma_ns = 0.8 * self._exec_ewma_ns + 0.2 * sum(timings)
                 # hysteresis: a model near the threshold does not flip on every batch
                 self._inline = self._exec_ewma_ns < (INLINE_BELOW_NS if self._inline else INLINE_BELOW_NS / 2)
