@@ -19,9 +19,11 @@ loses a fifth of the throughput exactly when the queue is deep. `CostCurve` meas
                so that a machine whose speed drifts moves both alike. Climbing from 1, each bucket
                up is probed while it stays within 10% of the best so far; then every PROBE_EVERY
                batches, the neighbour above or below the best (in turn). The probe wins
-               when it does more rows per second (5% more for a larger size: on a tie, the
-               smaller batch is the lower latency); the interval doubles, up to 256, while probes
-               come out 10% worse. A probe the queue never fills is given up. Batches are filed
+               when it does 2% more rows per second, larger or smaller; within 2% the choice
+               stays, so noise alone does not walk it (a 5% margin up and none down walked
+               MiniLM's curve down to 1, where 2-3 do 2-5% better, docs/perf.md; at a deep
+               queue a tie costs no latency either way); the interval doubles, up to 256, while
+               probes come out 10% worse. A probe the queue never fills is given up. Batches are filed
                by the probe and side that formed them (a tag from `formed`), not by when or where
                they complete, and a side is judged by its own batches' rows per second: requests
                of several rows each may not form every bucket. Measured sizes only: no shape of
@@ -42,7 +44,7 @@ ALPHA = 0.2  # weight of a new sample in a bucket's moving averages
 PROBE_EVERY = 16  # batches at the chosen size between two probes of a neighbour
 MAX_PROBE_EVERY = 256  # ... at most, after probes that came out clearly worse
 MIN_SAMPLES = 5  # batches of each of the two sizes a probe compares
-MARGIN_UP = 1.05  # a larger size must do this much better to be chosen (a smaller one: any better)
+MARGIN = 1.02  # a probed size must do this much better than the best to replace it, larger or smaller
 DIP = 0.9  # the first climb goes on past a size at least this good relative to the best so far
 
 
@@ -220,12 +222,12 @@ class CostCurve:
         """The probed size and the best have their paired samples: move to the probe or stay. The
         two are compared by what their batches did (rows per second of execution), not by the
         buckets' moving averages: a side's batches may lie in a bucket above its own."""
-        probe, best = self._probe, self.best
+        probe = self._probe
         ours = self._probe_sum[1] / max(self._probe_sum[0], 1.0)  # (a clock that read 0 ns)
         theirs = self._control_sum[1] / max(self._control_sum[0], 1.0)
         gain = ours / max(theirs, 1e-18)
         self._end_probe()
-        if gain > (MARGIN_UP if probe > best else 1.0):
+        if gain > MARGIN:
             self.best = probe
             self._every = PROBE_EVERY
         elif gain < DIP:
